@@ -1,0 +1,90 @@
+"""The EMA of attention (or of queries) and the statistics EMAG selects layers by.
+
+Paper: Yadav, Huy, Liu, "EMAG: Self-Rectifying Diffusion Sampling with Exponential Moving Average
+Guidance", arXiv 2512.17303. Section references below are to ``shared/spec/emag.md``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def k2idx(k: float, num_steps: int, k_base: float = 250.0) -> int:
+    """Map a window argument given in units of a ``k_base``-step schedule to a step index.
+
+    ``k2idx(k, N) = clamp(round(k * (N - 1) / k_base), 0, N - 1)`` (emag.md section 5.1). ``round`` is
+    Python's round-half-to-even, as in the reference code.
+    """
+    return max(0, min(num_steps - 1, int(round(k * (num_steps - 1) / float(k_base)))))
+
+
+def ema_update_(ema: Tensor, live: Tensor, beta: float) -> Tensor:
+    """In-place EMA update ``E := beta * E + (1 - beta) * R`` (emag.md section 3), in ``ema``'s dtype.
+
+    Written as ``E.mul_(beta).add_(R, alpha=1 - beta)`` because that is the exact floating-point
+    sequence the published numbers were made with (bit-exact in float16).
+    """
+    return ema.mul_(beta).add_(live.to(ema.dtype), alpha=1.0 - beta)
+
+
+def ema_score(ema: Tensor, live: Tensor) -> Tensor:
+    """Layer score ``D = mean(|E - R|)`` over every element, one scalar in ``ema``'s dtype (section 3)."""
+    return (ema - live.to(ema.dtype)).abs().mean()
+
+
+def ema_score_per_row(ema: Tensor, live: Tensor) -> Tensor:
+    """``mean(|E - R|)`` per batch row, shape ``[B]``: the statistic of the opt-in per-sample selection."""
+    return (ema - live.to(ema.dtype)).abs().flatten(1).mean(dim=1)
+
+
+def blend(ema: Tensor, live: Tensor, lam: float) -> Tensor:
+    """Apply rule ``R := lambda * E + (1 - lambda) * R`` in the live tensor's dtype (section 3).
+
+    The published runs use ``lambda = 1`` (hard replacement). The expression is evaluated literally,
+    so ``lambda = 1`` returns ``E`` cast to the live dtype.
+    """
+    return lam * ema.to(live.dtype) + (1.0 - lam) * live
+
+
+def attention_probs(
+    query: Tensor,
+    key: Tensor,
+    scale: float,
+    scale_queries_first: bool,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """Explicit ``P = softmax(Q K^T * scale)``, shape ``[B, H, Nq, Nk]``, in the query dtype.
+
+    The two reference codes differ in rounding order: SD3 applies the scale after the matmul
+    (``(Q K^T) * d^-0.5``), DiT scales the queries first (``(Q * d^-0.5) K^T``). ``scale_queries_first``
+    selects the DiT order.
+    """
+    if scale_queries_first:
+        logits = (query * scale) @ key.transpose(-2, -1)
+    else:
+        logits = (query @ key.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask
+    return logits.softmax(dim=-1)
+
+
+def renormalize_rows(rows: Tensor) -> Tensor:
+    """Divide each attention row by its sum (clamped at 1e-12): used after a partial-row replacement.
+
+    Applies to the ``img2img`` / ``img2txt`` tracked-row options, where only part of each image-query
+    row is replaced by its EMA and the row no longer sums to one (emag.md section 3).
+    """
+    return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def row_entropy(probs: Tensor) -> Tensor:
+    """Mean row entropy per sample, shape ``[B]``: ``mean_{h,q} -sum_k P log P`` (section 4, modes 1 and 3).
+
+    ``probs`` is ``[B, H, Q, K]``; probabilities are clamped at 1e-12 inside the log.
+    """
+    row = -(probs * probs.clamp_min(1e-12).log()).sum(dim=-1)  # [B, H, Q]
+    return row.mean(dim=-2).mean(dim=-1)

@@ -1,0 +1,245 @@
+"""DiTEMAGPipeline: diffusers' DiT pipeline with EMAG (emag.md section 5.2), latents and callbacks.
+
+Per step of the reference ("nested", the paper's DiT rows): (1) the normal conditional pass -> c,
+feeding the EMA; (2) the normal unconditional pass (null class) -> u, feeding the EMA again; (3) the
+block choice from the CURRENT step's scores (D computed after the update), then the perturbed
+conditional pass -> e. ``eps' = e + w_e (c - e)``, ``eps = u + w (eps' - u)`` on the guided channels;
+the other channels (and the learned variance) come from c.
+
+Sampler row layouts: ``"doubled"`` steps ``[x ; x]`` with noise drawn for 2B rows and keeps the first
+half (diffusers' DiTPipeline and the original DiT CFG sampler; used by plain CFG and by the additive
+reference mode); ``"samples"`` steps the B samples only (the EMAG reference's cond/uncond modes).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
+from diffusers.schedulers import KarrasDiffusionSchedulers
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..config import EMAG
+from ..math.combine import cfg as cfg_combine
+from ..math.combine import emag_additive, emag_nested, emag_only, merge_guided_channels
+from ..plumbing.emag_attention import EMAGAttention, LayerAction
+from ..schedulers import vp_sigma_edm
+from ..windows import StepContext
+from ._emag_run import check_windows, record_step, resolve_for
+
+NOISE_LAYOUTS = ("doubled", "samples")
+
+
+class DiTEMAGPipeline(DiTPipeline):
+    r"""Class-conditional DiT with Exponential Moving Average Guidance.
+
+    Accepts every argument of :class:`diffusers.DiTPipeline` plus ``latents`` (initial noise),
+    ``callback_on_step_end``, ``emag`` and ``noise_layout``. With ``emag=None`` it reproduces
+    ``DiTPipeline`` exactly (plain CFG on all noise channels, doubled row layout). ``output_type``
+    also accepts ``"latent"``. After a call, ``self.emag_trace`` lists what EMAG did at each step.
+    """
+
+    _callback_tensor_inputs = ["latents"]
+    emag_trace: list | None = None
+
+    def __init__(
+        self,
+        transformer: DiTTransformer2DModel,
+        vae: AutoencoderKL,
+        scheduler: KarrasDiffusionSchedulers,
+        id2label: dict[int, str] | None = None,
+    ):
+        super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
+        # DiTPipeline does not save id2label; registering it keeps it in model_index.json.
+        self.register_to_config(id2label=id2label)
+
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        pipe = super().from_pipe(pipeline, **kwargs)
+        if not pipe.labels and getattr(pipeline, "labels", None):
+            pipe.labels = dict(pipeline.labels)
+        return pipe
+
+    @property
+    def null_class(self) -> int:
+        return int(self.transformer.config.num_embeds_ada_norm or 1000)
+
+    def _uses_learned_variance(self) -> bool:
+        return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: list[int],
+        guidance_scale: float = 4.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 50,
+        output_type: str | None = "pil",
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ["latents"],
+        emag: EMAG | None = None,
+        noise_layout: str | None = None,
+    ) -> ImagePipelineOutput | tuple:
+        self.emag_trace = None
+        cfg = arch = None
+        if emag is not None:
+            arch, cfg = resolve_for(self.transformer, emag)
+        do_cfg = guidance_scale > 1
+        if cfg is not None and cfg.combination == "additive" and not do_cfg:
+            raise ValueError("EMAG combination 'additive' uses the unconditional branch: set guidance_scale > 1.")
+        if noise_layout is None:
+            doubled_model = cfg is None or cfg.combination == "additive"
+            noise_layout = "doubled" if (doubled_model and do_cfg) else "samples"
+        if noise_layout not in NOISE_LAYOUTS:
+            raise ValueError(f"Unknown noise_layout {noise_layout!r}; expected one of {NOISE_LAYOUTS}.")
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
+        for k in callback_on_step_end_tensor_inputs:
+            if k not in self._callback_tensor_inputs:
+                raise ValueError(f"callback tensor input {k!r} is not available; choose from {self._callback_tensor_inputs}.")
+
+        device = self._execution_device
+        labels = self._label_tensor(class_labels, device)
+        batch_size = labels.shape[0]
+        channels = self.transformer.config.in_channels
+        size = self.transformer.config.sample_size
+        shape = (batch_size, channels, size, size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+            latents = latents.to(device=device, dtype=self.transformer.dtype)
+        null = torch.full_like(labels, self.null_class)
+
+        self.scheduler.set_timesteps(num_inference_steps)
+        timesteps = self.scheduler.timesteps
+        num_steps = len(timesteps)
+        if cfg is not None:
+            check_windows(cfg, num_steps)
+        guided = (cfg.guided_channels if cfg is not None and cfg.guided_channels else channels)
+        if guided > channels:
+            raise ValueError(f"guided_channels={guided} exceeds the model's {channels} latent channels.")
+
+        runtime = EMAGAttention(self.transformer, arch, cfg, score_timing="after") if cfg is not None else None
+        trace = []
+
+        def predict(x, t, y, actions=None):
+            x = self.scheduler.scale_model_input(x, t)
+            ts = self._timestep_tensor(t, x)
+            if actions is None:
+                return self.transformer(x, timestep=ts, class_labels=y).sample
+            with runtime.forward_pass(actions):
+                return self.transformer(x, timestep=ts, class_labels=y).sample
+
+        def step_output(t, i) -> torch.Tensor:
+            """The combined model output for the B samples (eps [+ variance] channels)."""
+            if cfg is None:
+                if not do_cfg:
+                    return predict(latents, t, labels)
+                out = predict(torch.cat([latents, latents]), t, torch.cat([labels, null]))
+                c, u = out.chunk(2)
+                return merge_guided_channels(cfg_combine(u[:, :channels], c[:, :channels], guidance_scale), c, guided)
+            ctx = StepContext(i, num_steps, float(t), vp_sigma_edm(float(self.scheduler.alphas_cumprod[int(t)])))
+            do_ema, do_apply = cfg.ema_window.contains(ctx), cfg.apply_window.contains(ctx)
+            feed = {l: LayerAction(update=True) for l in cfg.layers} if do_ema else None
+            if cfg.combination == "additive":
+                x2, y2 = torch.cat([latents, latents]), torch.cat([labels, null])
+                c, u = predict(x2, t, y2, feed).chunk(2)
+                c_e, u_e = c, u
+                chosen = runtime.choose(2 * batch_size) if do_apply else {}
+                if do_ema or do_apply:
+                    trace.append(record_step(ctx, do_ema, do_apply, chosen, runtime))
+                if chosen:
+                    c_e, u_e = predict(x2, t, y2, {l: LayerAction(replace=r) for l, r in chosen.items()}).chunk(2)
+                eps = emag_additive(u[:, :channels], c[:, :channels], u_e[:, :channels], guidance_scale, cfg.scale)
+                return merge_guided_channels(eps, c, guided)
+            if cfg.combination == "emag_only" and do_ema:
+                # The reference's unconditional mode runs two identical normal passes, each feeding
+                # the EMA: feed it twice from the one pass.
+                feed = {l: LayerAction(update=2) for l in cfg.layers}
+            c = predict(latents, t, labels, feed)
+            u = predict(latents, t, null, feed) if (cfg.combination == "nested" and do_cfg) else None
+            e = c
+            chosen = runtime.choose(batch_size) if do_apply else {}
+            if do_ema or do_apply:
+                trace.append(record_step(ctx, do_ema, do_apply, chosen, runtime))
+            if chosen:
+                e = predict(latents, t, labels, {l: LayerAction(replace=r) for l, r in chosen.items()})
+            if cfg.combination == "emag_only":
+                eps = emag_only(c[:, :channels], e[:, :channels], cfg.scale)
+            else:
+                eps = emag_nested(None if u is None else u[:, :channels], c[:, :channels], e[:, :channels],
+                                  guidance_scale, cfg.scale)
+            return merge_guided_channels(eps, c, guided)
+
+        step_kwargs = {}
+        if "generator" in inspect.signature(self.scheduler.step).parameters:
+            step_kwargs["generator"] = generator
+            if isinstance(generator, list) and noise_layout == "doubled":
+                raise ValueError("A list of generators (one per sample) needs noise_layout='samples'.")
+        scope = runtime.installed() if runtime is not None else _null_scope()
+        with scope:
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                out = step_output(t, i)
+                if not self._uses_learned_variance() and out.shape[1] == 2 * channels:
+                    out = out[:, :channels]
+                if noise_layout == "doubled":
+                    stepped = self.scheduler.step(torch.cat([out, out]), t, torch.cat([latents, latents]),
+                                                  **step_kwargs).prev_sample
+                    latents = stepped[:batch_size]
+                else:
+                    latents = self.scheduler.step(out, t, latents, **step_kwargs).prev_sample
+                if callback_on_step_end is not None:
+                    outputs = callback_on_step_end(self, i, t, {"latents": latents})
+                    latents = outputs.pop("latents", latents)
+        self.emag_trace = trace if cfg is not None else None
+
+        if output_type == "latent":
+            samples = latents
+        else:
+            samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
+            samples = (samples / 2 + 0.5).clamp(0, 1)
+            if output_type != "pt":
+                samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
+                if output_type == "pil":
+                    samples = self.numpy_to_pil(samples)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (samples,)
+        return ImagePipelineOutput(images=samples)
+
+    def _label_tensor(self, class_labels, device) -> torch.Tensor:
+        if isinstance(class_labels, int):
+            class_labels = [class_labels]
+        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
+        if labels.numel() == 0:
+            raise ValueError("`class_labels` is empty: give at least one class id.")
+        if labels.dtype.is_floating_point:
+            raise TypeError("`class_labels` must be integer class ids.")
+        n = self.null_class
+        if bool((labels < 0).any()) or bool((labels > n).any()):
+            raise ValueError(f"Class ids must be in 0..{n} ({n} is the null / unconditional class), got {class_labels}.")
+        return labels.long()
+
+    @staticmethod
+    def _timestep_tensor(t, x: torch.Tensor) -> torch.Tensor:
+        ts = t if torch.is_tensor(t) else torch.tensor([t], device=x.device)
+        if ts.dim() == 0:
+            ts = ts[None].to(x.device)
+        return ts.expand(x.shape[0])
+
+
+class _null_scope:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False

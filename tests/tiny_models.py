@@ -1,0 +1,104 @@
+"""Tiny, randomly initialised diffusers models built in-process (no hub, no network).
+
+Recipes follow shared/spec/diffusers-integration.md. DiT's zero-initialised output and adaLN layers
+are re-randomised so that predictions and attention maps are non-trivial.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDIMScheduler,
+    DiTPipeline,
+    DiTTransformer2DModel,
+    FlowMatchEulerDiscreteScheduler,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
+
+
+def randomize_(model: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn.Module:
+    """Re-initialise every parameter: weights ~ N(0, gain^2 / fan_in), biases ~ N(0, 0.02^2)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=g) * gain / math.sqrt(fan_in))
+            elif "norm" in name and "weight" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+    return model
+
+
+def tiny_sd3_transformer(num_layers: int = 6, seed: int = 0, qk_norm: str | None = None, sample_size: int = 8,
+                         in_channels: int = 4) -> SD3Transformer2DModel:
+    torch.manual_seed(seed)
+    model = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=in_channels, num_layers=num_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
+        pooled_projection_dim=8, out_channels=in_channels, pos_embed_max_size=16, qk_norm=qk_norm,
+    )
+    return randomize_(model, seed, gain=1.5).eval()
+
+
+def tiny_vae(latent_channels: int = 4, seed: int = 0, sd3: bool = True) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4,
+        scaling_factor=1.5305 if sd3 else 0.18215, shift_factor=0.0609 if sd3 else None,
+    ).eval()
+
+
+def tiny_sd3_pipeline(num_layers: int = 6, seed: int = 0, qk_norm: str | None = None) -> StableDiffusion3Pipeline:
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(num_layers, seed, qk_norm),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(4, seed),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+        text_encoder_3=None, tokenizer_3=None,
+    )
+
+
+def sd3_embeds(batch: int = 1, seed: int = 1, tokens: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        prompt_embeds=torch.randn(batch, tokens, 16, generator=g),
+        negative_prompt_embeds=torch.randn(batch, tokens, 16, generator=g),
+        pooled_prompt_embeds=torch.randn(batch, 8, generator=g),
+        negative_pooled_prompt_embeds=torch.randn(batch, 8, generator=g),
+    )
+
+
+def sd3_latents(batch: int = 1, seed: int = 2, size: int = 8, channels: int = 4) -> torch.Tensor:
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_dit_transformer(num_layers: int = 6, seed: int = 0, sample_size: int = 8) -> DiTTransformer2DModel:
+    torch.manual_seed(seed)
+    model = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=num_layers,
+        sample_size=sample_size, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
+    )
+    return randomize_(model, seed, gain=1.5).eval()
+
+
+def tiny_dit_pipeline(num_layers: int = 6, seed: int = 0, scheduler=None) -> DiTPipeline:
+    return DiTPipeline(
+        transformer=tiny_dit_transformer(num_layers, seed),
+        vae=tiny_vae(4, seed, sd3=False),
+        scheduler=scheduler or DDIMScheduler(beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
+                                             clip_sample=False),
+        id2label={i: f"class{i}" for i in range(10)},
+    )
+
+
+def dit_latents(batch: int = 2, seed: int = 3, size: int = 8) -> torch.Tensor:
+    return torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
