@@ -102,3 +102,65 @@ def tiny_dit_pipeline(num_layers: int = 6, seed: int = 0, scheduler=None) -> DiT
 
 def dit_latents(batch: int = 2, seed: int = 3, size: int = 8) -> torch.Tensor:
     return torch.randn(batch, 4, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The byte -> printable-unicode table of GPT-2/CLIP byte-level BPE."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer(folder, max_length: int = 16):
+    """A CLIP tokenizer with a hand-written byte-level vocabulary (one token per byte, no merges)."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    chars = _bytes_to_unicode()
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for ch in chars:
+        vocab.setdefault(ch, len(vocab))
+    for ch in chars:
+        vocab.setdefault(ch + "</w>", len(vocab))
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                         model_max_length=max_length, pad_token="<|endoftext|>")
+
+
+def tiny_clip_text_encoder(seed: int, vocab_size: int, max_length: int = 16):
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=vocab_size, hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=max_length, projection_dim=4, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return CLIPTextModelWithProjection(config).eval()
+
+
+def tiny_sd3_text_pipeline(folder, num_layers: int = 6, seed: int = 0) -> StableDiffusion3Pipeline:
+    """A tiny SD3 pipeline with real (tiny) CLIP tokenizers and text encoders; no T5 (zeros, as diffusers does)."""
+    import os
+
+    tok = tiny_clip_tokenizer(os.path.join(str(folder), "_tok"))
+    tok2 = tiny_clip_tokenizer(os.path.join(str(folder), "_tok2"))
+    return StableDiffusion3Pipeline(
+        transformer=tiny_sd3_transformer(num_layers, seed),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=tiny_vae(4, seed),
+        text_encoder=tiny_clip_text_encoder(seed + 1, len(tok)), tokenizer=tok,
+        text_encoder_2=tiny_clip_text_encoder(seed + 2, len(tok2)), tokenizer_2=tok2,
+        text_encoder_3=None, tokenizer_3=None,
+    )

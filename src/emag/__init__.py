@@ -3,16 +3,33 @@
     import emag
     pipe = emag.StableDiffusion3EMAGPipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
     image = pipe("a photo of a cat", emag=emag.EMAG.preset("sd3-medium")).images[0]
+
+The pipelines (which import diffusers' pipeline modules) are loaded on first use.
 """
 
 from .config import EMAG, ResolvedEMAG
 from .layers import parse_layers
-from .pipelines import DiTEMAGPipeline, StableDiffusion3EMAGPipeline
 from .presets import PRESETS, Preset, get_preset
-from .schedulers import dit_reference_scheduler
 from .windows import RemainingStepsWindow, SD3ReferenceWindow, StepContext, Window
 
 __version__ = "0.1.0"
+
+_LAZY = {
+    "StableDiffusion3EMAGPipeline": ".pipelines",
+    "DiTEMAGPipeline": ".pipelines",
+    "dit_reference_scheduler": ".schedulers",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'emag' has no attribute {name!r}")
+
 
 __all__ = [
     "EMAG",

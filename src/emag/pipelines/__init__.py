@@ -1,6 +1,9 @@
 """diffusers pipelines with EMAG."""
 
-from .dit import DiTEMAGPipeline
-from .sd3 import StableDiffusion3EMAGPipeline
+from .._compat import quiet_transformers_import
+
+with quiet_transformers_import():
+    from .dit import DiTEMAGPipeline
+    from .sd3 import StableDiffusion3EMAGPipeline
 
 __all__ = ["DiTEMAGPipeline", "StableDiffusion3EMAGPipeline"]

@@ -3,7 +3,8 @@
 Per step of the reference ("nested", the paper's DiT rows): (1) the normal conditional pass -> c,
 feeding the EMA; (2) the normal unconditional pass (null class) -> u, feeding the EMA again; (3) the
 block choice from the CURRENT step's scores (D computed after the update), then the perturbed
-conditional pass -> e. ``eps' = e + w_e (c - e)``, ``eps = u + w (eps' - u)`` on the guided channels;
+conditional pass -> e. Passes (1) and (2) run batched as ``[cond ; uncond]`` with the EMA fed by the
+two halves in that order (the same numbers up to batch-invariance rounding, at lower cost). ``eps' = e + w_e (c - e)``, ``eps = u + w (eps' - u)`` on the guided channels;
 the other channels (and the learned variance) come from c.
 
 Sampler row layouts: ``"doubled"`` steps ``[x ; x]`` with noise drawn for 2B rows and keeps the first
@@ -52,7 +53,7 @@ class DiTEMAGPipeline(DiTPipeline):
         transformer: DiTTransformer2DModel,
         vae: AutoencoderKL,
         scheduler: KarrasDiffusionSchedulers,
-        id2label: dict[int, str] | None = None,
+        id2label: dict | None = None,
     ):
         super().__init__(transformer=transformer, vae=vae, scheduler=scheduler, id2label=id2label)
         # DiTPipeline does not save id2label; registering it keeps it in model_index.json.
@@ -60,10 +61,13 @@ class DiTEMAGPipeline(DiTPipeline):
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
-        pipe = super().from_pipe(pipeline, **kwargs)
-        if not pipe.labels and getattr(pipeline, "labels", None):
-            pipe.labels = dict(pipeline.labels)
-        return pipe
+        """Wrap an existing DiT pipeline, keeping its class names (DiTPipeline does not store id2label)."""
+        if "id2label" not in kwargs and getattr(pipeline, "labels", None):
+            id2label: dict[int, list[str]] = {}
+            for name, idx in pipeline.labels.items():
+                id2label.setdefault(int(idx), []).append(name)
+            kwargs["id2label"] = {i: ", ".join(names) for i, names in sorted(id2label.items())}
+        return super().from_pipe(pipeline, **kwargs)
 
     @property
     def null_class(self) -> int:
@@ -161,12 +165,19 @@ class DiTEMAGPipeline(DiTPipeline):
                     c_e, u_e = predict(x2, t, y2, {l: LayerAction(replace=r) for l, r in chosen.items()}).chunk(2)
                 eps = emag_additive(u[:, :channels], c[:, :channels], u_e[:, :channels], guidance_scale, cfg.scale)
                 return merge_guided_channels(eps, c, guided)
-            if cfg.combination == "emag_only" and do_ema:
-                # The reference's unconditional mode runs two identical normal passes, each feeding
-                # the EMA: feed it twice from the one pass.
-                feed = {l: LayerAction(update=2) for l in cfg.layers}
-            c = predict(latents, t, labels, feed)
-            u = predict(latents, t, null, feed) if (cfg.combination == "nested" and do_cfg) else None
+            u = None
+            if cfg.combination == "nested" and do_cfg:
+                # cond and uncond normal passes batched as [cond ; uncond]; the EMA is fed by the cond
+                # half, then by the uncond half: the reference's order of two unbatched passes.
+                halves = (slice(0, batch_size), slice(batch_size, 2 * batch_size))
+                feed = {l: LayerAction(update=halves) for l in cfg.layers} if do_ema else None
+                c, u = predict(torch.cat([latents, latents]), t, torch.cat([labels, null]), feed).chunk(2)
+            else:
+                if cfg.combination == "emag_only" and do_ema:
+                    # The reference's unconditional mode runs two identical normal passes, each
+                    # feeding the EMA: feed it twice from the one pass.
+                    feed = {l: LayerAction(update=2) for l in cfg.layers}
+                c = predict(latents, t, labels, feed)
             e = c
             chosen = runtime.choose(batch_size) if do_apply else {}
             if do_ema or do_apply:

@@ -27,16 +27,24 @@ from .intercept import AttentionCall, bind_sdpa, route_attention
 class LayerAction:
     """What one candidate block does in one forward pass.
 
-    ``update`` is how many times this pass's live tensor feeds the EMA (False/0: never, True/1: once).
+    ``update`` says how this pass's live tensor feeds the EMA: False/0 never, True/1 once, an int n
+    n times, or a sequence of row slices fed one after the other (e.g. the cond half, then the uncond
+    half of a batched ``[cond ; uncond]`` pass, which is DiT's cond-then-uncond update order).
     ``replace`` is False, True (every batch row of the pass) or a bool mask over the pass's rows.
     """
 
-    update: int | bool = False
+    update: int | bool | tuple[slice, ...] = False
     replace: bool | Tensor = False
 
     @property
+    def feeds(self) -> tuple[slice, ...]:
+        if isinstance(self.update, (tuple, list)):
+            return tuple(self.update)
+        return (slice(None),) * int(self.update)
+
+    @property
     def active(self) -> bool:
-        return bool(self.update) or self.replace is not False
+        return bool(self.feeds) or self.replace is not False
 
 
 @dataclass
@@ -174,8 +182,8 @@ class EMAGAttention:
     def _query_variant(self, layer, action, sdpa, a, q, k, v, n_img) -> Tensor:
         """EMAG-Q: EMA of the image query vectors; keys/values stay live; fused attention."""
         q_img = q[:, :, :n_img]
-        for _ in range(int(action.update)):
-            self._observe(layer, q_img)
+        for part in action.feeds:
+            self._observe(layer, q_img[part])
         if action.replace is not False:
             q = torch.cat([self._replacement(layer, q_img, action.replace), q[:, :, n_img:]], dim=2)
         rest = {key: a[key] for key in ("attn_mask", "dropout_p", "is_causal", "scale") if key in a}
@@ -193,8 +201,8 @@ class EMAGAttention:
             tracked = tracked[..., n_img:]
             if tracked.shape[-1] == 0:
                 raise RuntimeError("EMAG rows='img2txt' needs text keys, but this attention has none.")
-        for _ in range(int(action.update)):
-            self._observe(layer, tracked)
+        for part in action.feeds:
+            self._observe(layer, tracked[part])
         if action.replace is False:
             return sdpa(*args, **kwargs)
         edited = probs.clone()

@@ -1,0 +1,128 @@
+"""The ``emag`` command line: a thin click layer over :mod:`emag.generate`."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from .config import COMBINATIONS, TRACKED_ROWS, VARIANTS
+from .math.selection import SELECTION_MODES
+from .presets import PRESETS
+
+EXAMPLES = """
+\b
+Examples:
+  # SD3-Medium with the paper's EMAG settings (weights downloaded beforehand):
+  emag generate --model ./models/stable-diffusion-3-medium-diffusers \\
+      --prompt "a red fox in the snow" --preset sd3-medium --out out/
+\b
+  # EMAG-Q, stronger guidance, other candidate blocks:
+  emag generate --model ./models/sd3-medium --prompt "a lighthouse" \\
+      --variant q --scale 2.0 --layers 6-8 --cfg 5.0 --steps 28 --seed 8
+\b
+  # DiT-XL/2 with the paper's 250-step DDPM sampler, classes by id or name:
+  emag generate --model ./models/DiT-XL-2-256 --class-label 207 --class-label "golden retriever" \\
+      --preset dit-xl-2 --out out/dit
+\b
+  # Plain CFG on the same noise, for comparison:
+  emag generate --model ./models/DiT-XL-2-256 --class-label 207 --method cfg --cfg 1.5
+"""
+
+
+@click.group(epilog=EXAMPLES)
+@click.version_option(package_name="emag")
+def cli() -> None:
+    """EMAG: Exponential Moving Average Guidance for diffusion transformers (arXiv 2512.17303)."""
+
+
+def _window(value: str | None):
+    if value is None:
+        return None
+    try:
+        start, stop = (float(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected START,STOP fractions like 0.2,0.8, got {value!r}") from None
+    return (start, stop)
+
+
+@cli.command(epilog=EXAMPLES)
+@click.option("--model", "model", required=True, metavar="PATH|HUB_ID", help="Local diffusers folder or hub id.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Prompt (SD3); repeat for several.")
+@click.option("--negative-prompt", metavar="TEXT", default=None, help="Negative prompt (SD3).")
+@click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME", help="Class (DiT); repeat for several.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings preset (default: the paper's for the model family).")
+@click.option("--method", type=click.Choice(["emag", "cfg"]), default="emag", show_default=True, help="Guidance method.")
+@click.option("--scale", type=click.FloatRange(min=0), default=None, help="EMAG scale w_e.")
+@click.option("--layers", metavar="SPEC", default=None, help="Candidate blocks, e.g. '6,7,8' or '12-15'.")
+@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay in [0, 1).")
+@click.option("--blend", type=click.FloatRange(0, 1), default=None, help="Replacement strength lambda.")
+@click.option("--variant", type=click.Choice(VARIANTS), default=None, help="EMA of attention maps (full) or queries (q).")
+@click.option("--rows", type=click.Choice(TRACKED_ROWS), default=None, help="Tracked attention rows (full variant).")
+@click.option("--selection", type=click.Choice(SELECTION_MODES), default=None, help="Per-step block choice.")
+@click.option("--per-sample/--global-selection", default=None, help="Choose blocks per sample (opt-in).")
+@click.option("--combination", type=click.Choice(COMBINATIONS), default=None, help="How EMAG combines with CFG.")
+@click.option("--ema-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None, help="EMA storage dtype.")
+@click.option("--guided-channels", type=click.IntRange(min=1), default=None, help="DiT: guide only the first N channels.")
+@click.option("--ema-window", metavar="START,STOP", default=None, help="EMA window as step fractions [start, stop).")
+@click.option("--apply-window", metavar="START,STOP", default=None, help="Replacement window as step fractions.")
+@click.option("--cfg", "guidance_scale", type=click.FloatRange(min=0), default=None, help="CFG scale w.")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps.")
+@click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i.")
+@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height (SD3).")
+@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width (SD3).")
+@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt/class.")
+@click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--download/--no-download", default=False, show_default=True, help="Allow downloading from the hub.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
+def generate(model, prompts, negative_prompt, class_labels, preset, method, scale, layers, beta, blend, variant, rows,
+             selection, per_sample, combination, ema_dtype, guided_channels, ema_window, apply_window,
+             guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download, out_dir):
+    """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
+    from .generate import generate as run
+    from .generate import plan_generation
+    from .io import save_png
+    from .loading import MissingWeightsError
+
+    overrides = {k: v for k, v in dict(
+        scale=scale, layers=layers, beta=beta, blend=blend, variant=variant, rows=rows, selection=selection,
+        per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, guided_channels=guided_channels,
+        ema_window=_window(ema_window), apply_window=_window(apply_window),
+    ).items() if v is not None}
+    try:
+        plan = plan_generation(
+            model, prompts=list(prompts), negative_prompt=negative_prompt, class_labels=list(class_labels),
+            preset=preset, method=method, emag_overrides=overrides, guidance_scale=guidance_scale,
+            num_inference_steps=steps, height=height, width=width, seed=seed, num_images=num_images,
+            sampler=sampler, dtype=dtype, device=device, allow_download=download,
+        )
+    except (MissingWeightsError, ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    out = Path(out_dir)
+    click.echo(f"{plan.family.upper()} model {plan.model}: {len(plan.jobs)} image(s), method {plan.method}, "
+               f"preset {plan.preset.name}, {plan.num_inference_steps} steps, CFG {plan.guidance_scale} -> {out}/",
+               err=True)
+    for index, image, params in run(plan):
+        path = save_png(image, out / f"{index:05d}_seed{params['seed']}.png", params)
+        click.echo(str(path))
+
+
+@cli.command("presets")
+def presets_cmd() -> None:
+    """List the presets and where their numbers come from."""
+    for p in PRESETS.values():
+        e = p.emag
+        click.echo(f"{p.name}: {p.family} {p.model_id}; w_e={e.scale} layers={','.join(map(str, e.layers))} "
+                   f"beta={e.beta} variant={e.variant} combination={e.combination} CFG={p.guidance_scale} "
+                   f"steps={p.num_inference_steps} ({p.sampler})\n    source: {p.source}")
+
+
+def main() -> None:
+    cli(prog_name="emag")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,208 @@
+"""The main job as a library: validate a request cheaply, then yield images one by one.
+
+``plan_generation`` reads only JSON configs (model index, transformer and VAE configs) and fails
+with a clear message on anything wrong (missing weights, unknown family, layers out of range,
+resolutions the model cannot take, unknown class names) before any weights are loaded.
+``generate`` then loads the pipeline once and yields ``(index, image, params)``: one pipeline call
+per image with its own generator seeded ``seed + index``, so every image is reproducible alone.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import EMAG, resolve
+from .loading import locate_model, model_family, read_component_config, read_model_index
+from .presets import PRESETS, Preset, get_preset
+
+METHODS = ("emag", "cfg")
+SAMPLERS = ("default", "ddpm-250")
+DEFAULT_PRESET = {"sd3": "sd3-medium", "dit": "dit-xl-2"}
+
+
+@dataclass
+class GenerationPlan:
+    folder: Path
+    model: str
+    family: str
+    preset: Preset
+    method: str
+    emag: EMAG | None
+    prompts: list[str] = field(default_factory=list)
+    negative_prompt: str | None = None
+    class_labels: list[int] = field(default_factory=list)
+    guidance_scale: float = 7.0
+    num_inference_steps: int = 28
+    height: int = 1024
+    width: int = 1024
+    seed: int = 0
+    num_images: int = 1
+    sampler: str = "default"
+    dtype: str = "float32"
+    device: str = "cpu"
+    resolved_emag: dict[str, Any] | None = None
+
+    @property
+    def jobs(self) -> list[dict[str, Any]]:
+        items = self.prompts if self.family == "sd3" else self.class_labels
+        return [{"condition": c, "repeat": r} for c in items for r in range(self.num_images)]
+
+
+def _vae_scale_factor(folder: Path) -> int:
+    return 2 ** (len(read_component_config(folder, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
+
+
+def _resolve_labels(folder: Path, labels: list[str], num_classes: int) -> list[int]:
+    id2label = read_model_index(folder).get("id2label") or {}
+    by_name = {}
+    for k, v in id2label.items():
+        for name in str(v).split(","):
+            by_name[name.strip().lower()] = int(k)
+    out = []
+    for lab in labels:
+        s = str(lab).strip()
+        if s.lstrip("-").isdigit():
+            idx = int(s)
+        elif s.lower() in by_name:
+            idx = by_name[s.lower()]
+        else:
+            raise ValueError(f"Unknown class label {lab!r}: give a class id 0..{num_classes - 1} or a name from id2label.")
+        if not 0 <= idx <= num_classes:
+            raise ValueError(f"Class id {idx} out of range 0..{num_classes - 1} ({num_classes} = unconditional).")
+        out.append(idx)
+    return out
+
+
+def plan_generation(
+    model: str,
+    *,
+    prompts: list[str] | None = None,
+    negative_prompt: str | None = None,
+    class_labels: list[str | int] | None = None,
+    preset: str | None = None,
+    method: str = "emag",
+    emag_overrides: dict[str, Any] | None = None,
+    guidance_scale: float | None = None,
+    num_inference_steps: int | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    seed: int | None = None,
+    num_images: int = 1,
+    sampler: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    allow_download: bool = False,
+) -> GenerationPlan:
+    """Check a generation request against the model's configs; no weights are loaded."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+    folder = locate_model(model, allow_download)
+    family = model_family(folder)
+    p = get_preset(preset or DEFAULT_PRESET[family])
+    if p.family != family:
+        raise ValueError(f"Preset {p.name!r} is for {p.family.upper()} models but {model} is a {family.upper()} model.")
+    tcfg = read_component_config(folder, "transformer")
+    emag = replace(p.emag, **(emag_overrides or {})) if method == "emag" else None
+    resolved = None
+    if emag is not None:
+        cls_name = tcfg.get("_class_name", "transformer")
+        n_blocks = int(tcfg.get("num_layers", 0))
+        resolved = resolve(emag, family, n_blocks, cls_name).to_dict()
+    if num_images < 1:
+        raise ValueError("num_images must be >= 1.")
+    vsf = _vae_scale_factor(folder)
+    patch = int(tcfg.get("patch_size", 2))
+    sample = int(tcfg.get("sample_size", 64))
+    plan = GenerationPlan(
+        folder=folder, model=str(model), family=family, preset=p, method=method, emag=emag,
+        guidance_scale=p.guidance_scale if guidance_scale is None else guidance_scale,
+        num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
+        seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
+        resolved_emag=resolved,
+    )
+    if plan.num_inference_steps < 1:
+        raise ValueError("The number of steps must be >= 1.")
+    if family == "sd3":
+        if not prompts:
+            raise ValueError("An SD3 model needs at least one --prompt.")
+        if class_labels:
+            raise ValueError("Class labels are for class-conditional (DiT) models; SD3 takes --prompt.")
+        encoder = read_model_index(folder).get("text_encoder")
+        if not encoder or encoder[0] is None:
+            raise ValueError(f"{model} has no text encoders saved; it cannot encode prompts.")
+        native = sample * vsf
+        plan.height, plan.width = height or native, width or native
+        mult = vsf * patch
+        max_latent = int(tcfg.get("pos_embed_max_size") or sample) * patch
+        for name, v in (("height", plan.height), ("width", plan.width)):
+            if v <= 0 or v % mult:
+                raise ValueError(f"{name}={v}: must be a positive multiple of {mult} for this model.")
+            if v // vsf > max_latent:
+                raise ValueError(f"{name}={v}: larger than this model's positional embedding allows ({max_latent * vsf}).")
+        plan.prompts, plan.negative_prompt = list(prompts), negative_prompt
+        if sampler not in (None, "default"):
+            raise ValueError("SD3 uses its flow-matching Euler scheduler: --sampler only applies to DiT.")
+    else:
+        if prompts:
+            raise ValueError("A DiT model is class-conditional: give --class-label, not --prompt.")
+        if not class_labels:
+            raise ValueError("A DiT model needs at least one --class-label (an id or a class name).")
+        native = sample * vsf
+        for name, v in (("height", height), ("width", width)):
+            if v is not None and v != native:
+                raise ValueError(f"{name}={v}: this DiT model only generates {native}x{native} images.")
+        plan.height = plan.width = native
+        num_classes = int(tcfg.get("num_embeds_ada_norm") or 1000)
+        plan.class_labels = _resolve_labels(folder, [str(c) for c in class_labels], num_classes)
+        plan.sampler = sampler or ("ddpm-250" if p.num_inference_steps == 250 else "default")
+        if plan.sampler not in SAMPLERS:
+            raise ValueError(f"Unknown sampler {plan.sampler!r}; expected one of {SAMPLERS}.")
+    return plan
+
+
+def _versions() -> dict[str, str]:
+    import diffusers
+
+    from . import __version__
+
+    return {"emag": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    """Load the pipeline (unless given) and yield ``(index, PIL image, params)`` for every job."""
+    from .loading import load_pipeline
+    from .schedulers import dit_reference_scheduler
+
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[plan.dtype]
+    if pipe is None:
+        pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
+    if plan.family == "dit" and plan.sampler == "ddpm-250":
+        pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    for index, job in enumerate(plan.jobs):
+        seed = plan.seed + index
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
+                      generator=generator, emag=plan.emag)
+        if plan.family == "sd3":
+            out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
+                       width=plan.width, **common)
+        else:
+            out = pipe(class_labels=[job["condition"]], noise_layout="samples", **common)
+        params = {
+            "model": plan.model, "family": plan.family, "method": plan.method, "preset": plan.preset.name,
+            "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": seed,
+            "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
+            "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
+            "emag": plan.resolved_emag, "versions": _versions(),
+        }
+        yield index, out.images[0], params
+
+
+__all__ = ["PRESETS", "GenerationPlan", "generate", "plan_generation"]

@@ -1,0 +1,145 @@
+"""The real loading path (save_pretrained -> from_pretrained from disk) and the command line."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+from diffusers import DiTPipeline, StableDiffusion3Pipeline
+
+import emag
+from emag.cli import cli
+from emag.io import read_png_params
+from emag.loading import MissingWeightsError, check_weights_present, locate_model
+from tiny_models import tiny_dit_pipeline, tiny_sd3_text_pipeline
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sd3")
+    tiny_sd3_text_pipeline(d / "build", num_layers=4).save_pretrained(d / "model")
+    return d / "model"
+
+
+@pytest.fixture(scope="module")
+def dit_dir(tmp_path_factory):
+    """Saved like the hub's DiT folders: a plain DiTPipeline plus id2label in model_index.json."""
+    d = tmp_path_factory.mktemp("dit") / "model"
+    tiny_dit_pipeline(num_layers=4).save_pretrained(d)
+    index = json.loads((d / "model_index.json").read_text())
+    index["id2label"] = {str(i): f"class{i}, digit {i}" for i in range(10)}
+    (d / "model_index.json").write_text(json.dumps(index))
+    return d
+
+
+def test_sd3_from_pretrained_local_folder(sd3_dir):
+    pipe = emag.StableDiffusion3EMAGPipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    base = StableDiffusion3Pipeline.from_pretrained(sd3_dir, text_encoder_3=None, tokenizer_3=None)
+    for p in (pipe, base):
+        p.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a small red cube", num_inference_steps=3, height=16, width=16, output_type="latent")
+    a = pipe(**kw, generator=torch.Generator().manual_seed(0)).images
+    b = base(**kw, generator=torch.Generator().manual_seed(0)).images
+    assert torch.equal(a, b)
+    e = pipe(**kw, generator=torch.Generator().manual_seed(0), emag=emag.EMAG(layers=[1, 2], scale=3.0,
+                                                                             apply_window=(0.3, 1.0), ema_window=(0, 1)))
+    assert not torch.equal(a, e.images)
+
+
+def test_dit_from_pretrained_keeps_labels_and_round_trips(dit_dir, tmp_path):
+    pipe = emag.DiTEMAGPipeline.from_pretrained(dit_dir)
+    assert pipe.labels["digit 3"] == 3 and pipe.get_label_ids(["class7"]) == [7]
+    base = DiTPipeline.from_pretrained(dit_dir)
+    for p in (pipe, base):
+        p.set_progress_bar_config(disable=True)
+    a = pipe(class_labels=[3], num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="pt")
+    b = base(class_labels=[3], num_inference_steps=4, generator=torch.Generator().manual_seed(1), output_type="pt")
+    assert torch.equal(a.images, b.images)
+    pipe.save_pretrained(tmp_path / "again")  # our pipeline keeps id2label when saving
+    again = emag.DiTEMAGPipeline.from_pretrained(tmp_path / "again")
+    assert again.labels == pipe.labels
+
+
+def test_missing_weights_errors(tmp_path, sd3_dir):
+    with pytest.raises(MissingWeightsError, match="does not exist"):
+        locate_model(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(MissingWeightsError, match="model_index.json"):
+        locate_model(tmp_path / "empty")
+    with pytest.raises(MissingWeightsError, match="huggingface-cli download stabilityai/"):
+        locate_model("stabilityai/stable-diffusion-3-medium-diffusers")
+    broken = tmp_path / "broken"
+    shutil.copytree(sd3_dir, broken)
+    for f in (broken / "transformer").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(MissingWeightsError, match="no weights"):
+        check_weights_present(broken, ["transformer", "vae"])
+
+
+def test_cli_help_lists_examples():
+    r = CliRunner().invoke(cli, ["--help"])
+    assert r.exit_code == 0 and "Examples:" in r.output and "emag generate" in r.output
+    r = CliRunner().invoke(cli, ["generate", "--help"])
+    assert r.exit_code == 0 and "--layers" in r.output and "--variant" in r.output
+
+
+def test_console_script_entry_point():
+    exe = shutil.which("emag") or [sys.executable, "-m", "emag.cli"]
+    cmd = [exe, "--help"] if isinstance(exe, str) else exe + ["--help"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "generate" in out.stdout
+
+
+def test_cli_generate_sd3_writes_png_with_metadata(sd3_dir, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, [
+        "generate", "--model", str(sd3_dir), "--prompt", "a cat", "--prompt", "a dog", "--layers", "1,2",
+        "--steps", "3", "--height", "16", "--width", "16", "--seed", "8", "--cfg", "4", "--variant", "q",
+        "--out", str(out),
+    ])
+    assert r.exit_code == 0, r.output
+    pngs = sorted(out.glob("*.png"))
+    assert [p.name for p in pngs] == ["00000_seed8.png", "00001_seed9.png"]
+    meta = read_png_params(pngs[1])
+    assert meta["condition"] == "a dog" and meta["seed"] == 9 and meta["guidance_scale"] == 4.0
+    assert meta["emag"]["variant"] == "q" and meta["emag"]["layers"] == "1,2" and meta["emag"]["scale"] == 1.5
+    assert json.loads(pngs[1].with_suffix(".json").read_text()) == meta
+
+
+def test_cli_generate_dit_by_class_name_is_reproducible(dit_dir, tmp_path):
+    args = ["generate", "--model", str(dit_dir), "--class-label", "digit 3", "--class-label", "5", "--layers", "1-2",
+            "--steps", "6", "--sampler", "default", "--ema-window", "0,1", "--apply-window", "0.2,1"]
+    r1 = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a")])
+    r2 = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b")])
+    assert r1.exit_code == 0 and r2.exit_code == 0, r1.output
+    a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    assert len(a) == 2 and a[0].read_bytes() == b[0].read_bytes()
+    assert read_png_params(a[0])["condition"] == 3
+    r3 = CliRunner().invoke(cli, args[:-4] + ["--method", "cfg", "--out", str(tmp_path / "c")])
+    assert r3.exit_code == 0 and read_png_params(sorted((tmp_path / "c").glob("*.png"))[0])["emag"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "stabilityai/stable-diffusion-3-medium-diffusers", "--prompt", "x"], "huggingface-cli download"),
+    (["--model", "{sd3}", "--prompt", "x", "--layers", "9"], "out of range"),
+    (["--model", "{sd3}", "--prompt", "x", "--height", "17"], "multiple of"),
+    (["--model", "{sd3}", "--class-label", "3"], "prompt"),
+    (["--model", "{sd3}", "--prompt", "x", "--preset", "dit-xl-2"], "DIT"),
+    (["--model", "{dit}", "--class-label", "zebra"], "Unknown class label"),
+    (["--model", "{dit}", "--class-label", "3", "--height", "64"], "only generates"),
+    (["--model", "{dit}", "--prompt", "a cat"], "class-conditional"),
+    (["--model", "{sd3}", "--prompt", "x", "--ema-window", "0.5"], "START,STOP"),
+])
+def test_cli_bad_input_fails_fast_without_traceback(sd3_dir, dit_dir, monkeypatch, args, message):
+    import emag.loading
+
+    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    args = [a.format(sd3=sd3_dir, dit=dit_dir) for a in args]
+    if "--layers" not in args:
+        args += ["--layers", "1"]
+    r = CliRunner().invoke(cli, ["generate"] + args)
+    assert r.exit_code != 0 and message in r.output
+    assert "Traceback" not in r.output

@@ -1,0 +1,200 @@
+"""StableDiffusion3EMAGPipeline against diffusers and against the independent reference in the tests."""
+
+import pytest
+import torch
+from torch.overrides import _get_current_function_mode_stack
+
+import emag
+from reference_emag import ref_sd3_sample
+from tiny_models import sd3_embeds, sd3_latents, tiny_sd3_pipeline
+
+N = 8  # k2idx: EMA at steps 0..6, replacement at 1..6, nothing at 7: crosses every boundary
+LAYERS = [1, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def base():
+    pipe = tiny_sd3_pipeline(num_layers=6)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(base):
+    p = emag.StableDiffusion3EMAGPipeline.from_pipe(base)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def call_kwargs(batch=2, **extra):
+    kw = dict(**sd3_embeds(batch), latents=sd3_latents(batch), num_inference_steps=N, guidance_scale=5.0,
+              output_type="latent")
+    kw.update(extra)
+    return kw
+
+
+def no_hooks_left(p):
+    mods = [b.attn for b in p.transformer.transformer_blocks]
+    return all(not m._forward_pre_hooks and not m._forward_hooks for m in mods) and \
+        not _get_current_function_mode_stack()
+
+
+def test_emag_none_is_the_base_pipeline(base, pipe):
+    assert torch.equal(pipe(**call_kwargs()).images, base(**call_kwargs()).images)
+
+
+@pytest.mark.parametrize("combination, neutral, guidance", [("nested", 1.0, 5.0), ("additive", 0.0, 5.0),
+                                                            ("emag_only", 1.0, 1.0)])
+@pytest.mark.parametrize("variant", ["full", "q"])
+def test_neutral_scale_is_the_base_pipeline_exactly(base, pipe, combination, neutral, guidance, variant):
+    kw = call_kwargs(guidance_scale=guidance)
+    expected = base(**kw).images
+    out = pipe(**kw, emag=emag.EMAG(scale=neutral, layers=LAYERS, variant=variant, combination=combination)).images
+    assert torch.equal(out, expected)
+    assert any(r.chosen for r in pipe.emag_trace)  # the machinery really ran
+    assert no_hooks_left(pipe)
+
+
+CASES = [
+    ("full", "image_rows", "adaptive", 2, "nested", "No"),
+    ("full", "image_rows", "all", 0, "nested", "No"),
+    ("full", "image_rows", "adaptive", 2, "additive", "CFG"),
+    ("full", "image_rows", "adaptive", 2, "emag_only", "Only_EMAG"),
+    ("full", "img2img", "adaptive", 2, "nested", "No"),
+    ("full", "img2txt", "adaptive", 2, "nested", "No"),
+    ("full", "img2img", "all", 0, "additive", "CFG"),
+    ("q", "image_rows", "adaptive", 2, "nested", "No"),
+    ("q", "image_rows", "all", 0, "nested", "No"),
+    ("q", "image_rows", "adaptive", 2, "additive", "CFG"),
+    ("q", "image_rows", "adaptive", 2, "emag_only", "Only_EMAG"),
+]
+
+
+@pytest.mark.parametrize("variant, rows, selection, mode, combination, combo", CASES)
+def test_equals_the_straightforward_reference(pipe, variant, rows, selection, mode, combination, combo):
+    ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, variant=variant, rows=rows,
+                            mode=mode, combo=combo)
+    out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, variant=variant, rows=rows,
+                                               selection=selection, combination=combination)).images
+    assert not torch.equal(out, pipe(**call_kwargs()).images)  # EMAG really changed the result
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_equals_reference_with_per_sample_selection(pipe):
+    ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, per_sample=True)
+    out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, per_sample=True)).images
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    glob = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS)).images
+    assert not torch.equal(out, glob)
+
+
+def test_equals_reference_numerics_with_explicit_attention_everywhere(pipe):
+    """The reference code computes P V explicitly in every pass at the candidate blocks."""
+    ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, fused_when_idle=False)
+    out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS)).images
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_qk_norm_model_sd35_like():
+    base = tiny_sd3_pipeline(num_layers=5, seed=3, qk_norm="rms_norm")
+    p = emag.StableDiffusion3EMAGPipeline.from_pipe(base)
+    p.set_progress_bar_config(disable=True)
+    for variant in ("q", "full"):
+        ref, _ = ref_sd3_sample(p, sd3_embeds(1), sd3_latents(1), N, 4.0, 1.5, [0, 2], variant=variant)
+        out = p(**call_kwargs(batch=1, guidance_scale=4.0),
+                emag=emag.EMAG(scale=1.5, layers=[0, 2], variant=variant)).images
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
+def test_trace_follows_the_reference_windows(pipe):
+    pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS))
+    assert [r.index for r in pipe.emag_trace] == list(range(0, 7))
+    assert [r.index for r in pipe.emag_trace if r.apply] == list(range(1, 7))
+    first_apply = pipe.emag_trace[1]
+    assert first_apply.chosen == [1] and set(first_apply.scores.values()) == {0.0}  # D = 0 after 1st update
+
+
+def test_fraction_windows_work_at_other_step_counts(pipe):
+    e = emag.EMAG(scale=2.0, layers=LAYERS, ema_window=(0.0, 0.6), apply_window=(0.2, 0.6))
+    pipe(**call_kwargs(num_inference_steps=10), emag=e)
+    assert [r.index for r in pipe.emag_trace] == list(range(0, 6))
+    assert [r.index for r in pipe.emag_trace if r.apply] == [2, 3, 4, 5]
+
+
+def test_same_seed_twice_is_identical_and_state_is_per_call(pipe):
+    e = emag.EMAG(scale=2.0, layers=LAYERS)
+    kw = dict(**sd3_embeds(1), num_inference_steps=N, guidance_scale=5.0, output_type="latent")
+    a = pipe(**kw, emag=e, generator=torch.Generator().manual_seed(8)).images
+    b = pipe(**kw, emag=e, generator=torch.Generator().manual_seed(8)).images
+    assert torch.equal(a, b)
+
+
+def test_hooks_removed_after_an_exception(pipe):
+    def boom(p, i, t, kw):
+        raise RuntimeError("stop here")
+
+    with pytest.raises(RuntimeError, match="stop here"):
+        pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS), callback_on_step_end=boom)
+    assert no_hooks_left(pipe)
+
+
+def test_callback_receives_and_can_replace_latents(pipe):
+    seen = []
+
+    def cb(p, i, t, kw):
+        seen.append(kw["latents"].shape)
+        return {"latents": kw["latents"] * 0}
+
+    out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS), callback_on_step_end=cb).images
+    assert len(seen) == N and out.abs().max() == 0
+
+
+def test_layer_never_reached_is_an_error(pipe):
+    """A processor that does not call SDPA would make EMAG a silent no-op: it must raise."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    class NoSDPA(JointAttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *a, **k):
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            try:
+                torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, **kw: torch.softmax(
+                    q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, -1) @ v
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask)
+            finally:
+                torch.nn.functional.scaled_dot_product_attention = sdpa
+
+    attn = pipe.transformer.transformer_blocks[2].attn
+    original = attn.processor
+    attn.set_processor(NoSDPA())
+    try:
+        with pytest.raises(RuntimeError, match="block 2"):
+            pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, selection="all"))
+    finally:
+        attn.set_processor(original)
+    assert no_hooks_left(pipe)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(emag=emag.EMAG(layers=[6])), "out of range"),
+    (dict(emag=emag.EMAG(layers=LAYERS, combination="additive"), guidance_scale=1.0), "guidance_scale"),
+    (dict(emag=emag.EMAG(layers=LAYERS, apply_window=(0.0, 1.0), ema_window=(0.5, 1.0))), "before the EMA"),
+    (dict(emag="emag"), "EMAG instance"),
+    (dict(emag=emag.EMAG(layers=LAYERS, selection="entropy")), "DiT"),
+])
+def test_bad_inputs_fail_before_work(pipe, bad, match):
+    kw = call_kwargs()
+    kw.update(bad)
+    with pytest.raises((ValueError, TypeError), match=match):
+        pipe(**kw)
+
+
+def test_unsupported_family_is_a_clear_error():
+    from diffusers import FluxTransformer2DModel
+
+    from emag.plumbing import architecture_of
+
+    flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                  pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
+    with pytest.raises(ValueError, match="does not support the model family FluxTransformer2DModel"):
+        architecture_of(flux)
