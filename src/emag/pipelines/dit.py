@@ -46,12 +46,13 @@ class DiTEMAGPipeline(DiTPipeline):
     """
 
     _callback_tensor_inputs = ["latents"]
+    _optional_components = ["vae"]  # None for pixel-space models: outputs are the samples themselves
     emag_trace: list | None = None
 
     def __init__(
         self,
         transformer: DiTTransformer2DModel,
-        vae: AutoencoderKL,
+        vae: AutoencoderKL | None,
         scheduler: KarrasDiffusionSchedulers,
         id2label: dict | None = None,
     ):
@@ -216,7 +217,10 @@ class DiTEMAGPipeline(DiTPipeline):
         if output_type == "latent":
             samples = latents
         else:
-            samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
+            if self.vae is not None:
+                samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
+            else:  # pixel-space model: the samples are images in [-1, 1]
+                samples = latents
             samples = (samples / 2 + 0.5).clamp(0, 1)
             if output_type != "pt":
                 samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
