@@ -177,7 +177,7 @@ def test_noise_layouts_differ_under_ddpm_and_agree_under_ddim(base, pipe):
     (dict(class_labels=[1], noise_layout="pairs"), "noise_layout"),
     (dict(class_labels=[1], emag=emag.EMAG(layers=[9])), "out of range"),
     (dict(class_labels=[1], emag=emag.EMAG(layers=[1], guided_channels=5)), "guided_channels"),
-    (dict(class_labels=[1], guidance_scale=1.0, emag=emag.EMAG(layers=[1], combination="additive")), "guidance_scale"),
+    (dict(class_labels=[1], guidance=[emag.CFGZeroStar(2.0)]), "flow-matching"),
 ])
 def test_bad_inputs(pipe, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):

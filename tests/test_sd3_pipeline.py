@@ -176,7 +176,9 @@ def test_layer_never_reached_is_an_error(pipe):
 
 @pytest.mark.parametrize("bad, match", [
     (dict(emag=emag.EMAG(layers=[6])), "out of range"),
-    (dict(emag=emag.EMAG(layers=LAYERS, combination="additive"), guidance_scale=1.0), "guidance_scale"),
+    (dict(emag=emag.EMAG(layers=LAYERS), guidance=[emag.CFG(5.0)]), "not both"),
+    (dict(guidance=[emag.CFG(5.0), "pag"]), "not a guidance term"),
+    (dict(guidance=[emag.CFG(5.0), emag.CFG(3.0)]), "At most one"),
     (dict(emag=emag.EMAG(layers=LAYERS, apply_window=(0.0, 1.0), ema_window=(0.5, 1.0))), "before the EMA"),
     (dict(emag="emag"), "EMAG instance"),
     (dict(emag=emag.EMAG(layers=LAYERS, selection="entropy")), "DiT"),

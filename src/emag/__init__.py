@@ -10,7 +10,8 @@ The pipelines (which import diffusers' pipeline modules) are loaded on first use
 from .config import EMAG, ResolvedEMAG
 from .layers import parse_layers
 from .presets import PRESETS, Preset, get_preset
-from .windows import RemainingStepsWindow, SD3ReferenceWindow, StepContext, Window
+from .guidance import CFG, CFGZeroStar
+from .windows import RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, Window
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,9 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "CFG",
+    "CFGZeroStar",
+    "SigmaInterval",
     "EMAG",
     "PRESETS",
     "DiTEMAGPipeline",

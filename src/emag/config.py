@@ -125,6 +125,12 @@ class EMAG:
     def replace(self, **changes: Any) -> "EMAG":
         return replace(self, **changes)
 
+    def runtime(self, setup):
+        """The per-call EMAG term (see :mod:`emag.guidance.emag_term`)."""
+        from .guidance.emag_term import EMAGRuntime
+
+        return EMAGRuntime(self, setup)
+
 
 # Reference values per backbone family (emag.md sections 3 and 5).
 BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {

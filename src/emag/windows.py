@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from .math.ema import k2idx
 
@@ -26,6 +26,7 @@ class StepContext:
     num_steps: int
     timestep: float = 0.0
     sigma_edm: float | None = None
+    param: Any = None  # emag.parametrization.FlowMatching / EpsilonVP of this step, when known
 
     @property
     def remaining(self) -> int:
@@ -129,6 +130,40 @@ class SD3ReferenceWindow:
     def describe(self) -> str:
         return (f"k2idx({self.stop:g}) <= steps remaining <= k2idx({self.start:g}) - k2idx({self.delta:g})"
                 f" (units of a {self.base:g}-step schedule)")
+
+
+@dataclass(frozen=True)
+class SigmaInterval:
+    """Active iff ``lo < sigma_EDM <= hi`` (Kynkäänniemi et al. 2024, the guidance interval, Eqs. 5-6).
+
+    ``sigma_EDM = sqrt((1 - abar) / abar)`` for VP models and ``t / (1 - t)`` for rectified flow
+    (so ``(0.28, 5.42]`` is ``t`` in ``(0.219, 0.844]`` on SD3). Decided per step from the step's own
+    noise level, so the interval always falls on step boundaries.
+    """
+
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.lo < self.hi):
+            raise ValueError(f"Expected 0 <= lo < hi for a sigma interval, got ({self.lo}, {self.hi}].")
+
+    def contains(self, ctx: StepContext) -> bool:
+        if ctx.sigma_edm is None:
+            raise ValueError("This step has no EDM noise level: a sigma interval needs the pipeline's scheduler.")
+        return self.lo < ctx.sigma_edm <= self.hi
+
+    def describe(self) -> str:
+        return f"{self.lo:g} < sigma_EDM <= {self.hi:g}"
+
+
+@dataclass(frozen=True)
+class AllSteps:
+    def contains(self, ctx: StepContext) -> bool:
+        return True
+
+    def describe(self) -> str:
+        return "every step"
 
 
 def as_window(value: object, what: str) -> StepWindow:

@@ -26,12 +26,12 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..config import EMAG
-from ..math.combine import cfg as cfg_combine
-from ..math.combine import emag_additive, emag_nested, emag_only, merge_guided_channels
-from ..plumbing.emag_attention import EMAGAttention, LayerAction
-from ..schedulers import vp_sigma_edm
+from ..guidance.base import Setup
+from ..parametrization import EpsilonVP
+from ..plumbing.architectures import architecture_of
+from ..plumbing.backbones import ClassCondition, DiTBackbone
 from ..windows import StepContext
-from ._emag_run import check_windows, record_step, resolve_for
+from ._guided import build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, uses_uncond
 
 NOISE_LAYOUTS = ("doubled", "samples")
 
@@ -91,17 +91,16 @@ class DiTEMAGPipeline(DiTPipeline):
         callback_on_step_end_tensor_inputs: list[str] = ["latents"],
         emag: EMAG | None = None,
         noise_layout: str | None = None,
+        guidance: list | None = None,
+        batching: str = "normal",
     ) -> ImagePipelineOutput | tuple:
         self.emag_trace = None
-        cfg = arch = None
-        if emag is not None:
-            arch, cfg = resolve_for(self.transformer, emag)
+        arch = architecture_of(self.transformer)
+        terms = build_terms(guidance, emag, guidance_scale)
         do_cfg = guidance_scale > 1
-        if cfg is not None and cfg.combination == "additive" and not do_cfg:
-            raise ValueError("EMAG combination 'additive' uses the unconditional branch: set guidance_scale > 1.")
         if noise_layout is None:
-            doubled_model = cfg is None or cfg.combination == "additive"
-            noise_layout = "doubled" if (doubled_model and do_cfg) else "samples"
+            legacy_doubled = guidance is None and do_cfg and (emag is None or emag.combination == "additive")
+            noise_layout = "doubled" if legacy_doubled else "samples"
         if noise_layout not in NOISE_LAYOUTS:
             raise ValueError(f"Unknown noise_layout {noise_layout!r}; expected one of {NOISE_LAYOUTS}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -116,91 +115,40 @@ class DiTEMAGPipeline(DiTPipeline):
         channels = self.transformer.config.in_channels
         size = self.transformer.config.sample_size
         shape = (batch_size, channels, size, size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
-        else:
-            if tuple(latents.shape) != shape:
-                raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-            latents = latents.to(device=device, dtype=self.transformer.dtype)
-        null = torch.full_like(labels, self.null_class)
-
+        if latents is not None and tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         num_steps = len(timesteps)
-        if cfg is not None:
-            check_windows(cfg, num_steps)
-        guided = (cfg.guided_channels if cfg is not None and cfg.guided_channels else channels)
-        if guided > channels:
-            raise ValueError(f"guided_channels={guided} exceeds the model's {channels} latent channels.")
-
-        runtime = EMAGAttention(self.transformer, arch, cfg, score_timing="after") if cfg is not None else None
-        trace = []
-
-        def predict(x, t, y, actions=None):
-            x = self.scheduler.scale_model_input(x, t)
-            ts = self._timestep_tensor(t, x)
-            if actions is None:
-                return self.transformer(x, timestep=ts, class_labels=y).sample
-            with runtime.forward_pass(actions):
-                return self.transformer(x, timestep=ts, class_labels=y).sample
-
-        def step_output(t, i) -> torch.Tensor:
-            """The combined model output for the B samples (eps [+ variance] channels)."""
-            if cfg is None:
-                if not do_cfg:
-                    return predict(latents, t, labels)
-                out = predict(torch.cat([latents, latents]), t, torch.cat([labels, null]))
-                c, u = out.chunk(2)
-                return merge_guided_channels(cfg_combine(u[:, :channels], c[:, :channels], guidance_scale), c, guided)
-            ctx = StepContext(i, num_steps, float(t), vp_sigma_edm(float(self.scheduler.alphas_cumprod[int(t)])))
-            do_ema, do_apply = cfg.ema_window.contains(ctx), cfg.apply_window.contains(ctx)
-            feed = {l: LayerAction(update=True) for l in cfg.layers} if do_ema else None
-            if cfg.combination == "additive":
-                x2, y2 = torch.cat([latents, latents]), torch.cat([labels, null])
-                c, u = predict(x2, t, y2, feed).chunk(2)
-                c_e, u_e = c, u
-                chosen = runtime.choose(2 * batch_size) if do_apply else {}
-                if do_ema or do_apply:
-                    trace.append(record_step(ctx, do_ema, do_apply, chosen, runtime))
-                if chosen:
-                    c_e, u_e = predict(x2, t, y2, {l: LayerAction(replace=r) for l, r in chosen.items()}).chunk(2)
-                eps = emag_additive(u[:, :channels], c[:, :channels], u_e[:, :channels], guidance_scale, cfg.scale)
-                return merge_guided_channels(eps, c, guided)
-            u = None
-            if cfg.combination == "nested" and do_cfg:
-                # cond and uncond normal passes batched as [cond ; uncond]; the EMA is fed by the cond
-                # half, then by the uncond half: the reference's order of two unbatched passes.
-                halves = (slice(0, batch_size), slice(batch_size, 2 * batch_size))
-                feed = {l: LayerAction(update=halves) for l in cfg.layers} if do_ema else None
-                c, u = predict(torch.cat([latents, latents]), t, torch.cat([labels, null]), feed).chunk(2)
-            else:
-                if cfg.combination == "emag_only" and do_ema:
-                    # The reference's unconditional mode runs two identical normal passes, each
-                    # feeding the EMA: feed it twice from the one pass.
-                    feed = {l: LayerAction(update=2) for l in cfg.layers}
-                c = predict(latents, t, labels, feed)
-            e = c
-            chosen = runtime.choose(batch_size) if do_apply else {}
-            if do_ema or do_apply:
-                trace.append(record_step(ctx, do_ema, do_apply, chosen, runtime))
-            if chosen:
-                e = predict(latents, t, labels, {l: LayerAction(replace=r) for l, r in chosen.items()})
-            if cfg.combination == "emag_only":
-                eps = emag_only(c[:, :channels], e[:, :channels], cfg.scale)
-            else:
-                eps = emag_nested(None if u is None else u[:, :channels], c[:, :channels], e[:, :channels],
-                                  guidance_scale, cfg.scale)
-            return merge_guided_channels(eps, c, guided)
-
+        has_uncond = uses_uncond(terms)
+        setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
+                      num_steps=num_steps, batch_size=batch_size, prediction="epsilon", guided_channels=channels,
+                      device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond)
+        runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
+        guided = guided_channels_of(terms, channels)
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator
             if isinstance(generator, list) and noise_layout == "doubled":
                 raise ValueError("A list of generators (one per sample) needs noise_layout='samples'.")
-        scope = runtime.installed() if runtime is not None else _null_scope()
-        with scope:
+
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+        else:
+            latents = latents.to(device=device, dtype=self.transformer.dtype)
+        conditions = {"cond": ClassCondition(labels)}
+        if has_uncond:
+            conditions["uncond"] = ClassCondition(torch.full_like(labels, self.null_class))
+        engine = make_engine(runtimes, {"main": DiTBackbone(self.transformer, self.scheduler)}, conditions,
+                             self.transformer, arch, channels, guided, batching, has_uncond)
+        alphas = self.scheduler.alphas_cumprod
+        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
+
+        with engine.installed():
             for i, t in enumerate(self.progress_bar(timesteps)):
-                out = step_output(t, i)
+                param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
+                ctx = StepContext(i, num_steps, float(t), param.sigma_edm, param)
+                out = engine.predict(latents, t, ctx)
                 if not self._uses_learned_variance() and out.shape[1] == 2 * channels:
                     out = out[:, :channels]
                 if noise_layout == "doubled":
@@ -212,7 +160,8 @@ class DiTEMAGPipeline(DiTPipeline):
                 if callback_on_step_end is not None:
                     outputs = callback_on_step_end(self, i, t, {"latents": latents})
                     latents = outputs.pop("latents", latents)
-        self.emag_trace = trace if cfg is not None else None
+        self.emag_trace = emag_trace_of(runtimes)
+        self.guidance_runtimes = runtimes
 
         if output_type == "latent":
             samples = latents
@@ -250,11 +199,3 @@ class DiTEMAGPipeline(DiTPipeline):
         if ts.dim() == 0:
             ts = ts[None].to(x.device)
         return ts.expand(x.shape[0])
-
-
-class _null_scope:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False

@@ -20,15 +20,12 @@ from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusi
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
 from ..config import EMAG
-from ..math.combine import emag_additive, emag_nested, emag_only
-from ..plumbing.emag_attention import EMAGAttention, LayerAction
+from ..guidance.base import Setup
+from ..parametrization import FlowMatching
+from ..plumbing.architectures import architecture_of
+from ..plumbing.backbones import SD3Backbone, TextCondition
 from ..windows import StepContext
-from ._emag_run import check_windows, record_step, resolve_for
-
-
-def flow_sigma_edm(sigma: float) -> float:
-    """EDM-equivalent noise level of rectified-flow time ``t = sigma``: ``t / (1 - t)``."""
-    return float("inf") if sigma >= 1.0 else sigma / (1.0 - sigma)
+from ._guided import build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, uses_uncond
 
 
 class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
@@ -78,24 +75,25 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         skip_layer_guidance_start: float = 0.01,
         mu: float | None = None,
         emag: EMAG | None = None,
+        guidance: list | None = None,
+        batching: str = "normal",
     ) -> StableDiffusion3PipelineOutput | tuple:
         base_args = dict(locals())
-        for key in ("self", "emag", "__class__"):
+        for key in ("self", "emag", "guidance", "batching", "__class__"):
             base_args.pop(key, None)
         self.emag_trace = None
-        if emag is None:
+        if emag is None and guidance is None:
             return super().__call__(**base_args)
 
         # -- validate everything before any expensive work ------------------------------------------
-        arch, cfg = resolve_for(self.transformer, emag)
+        arch = architecture_of(self.transformer)
+        terms = build_terms(guidance, emag, guidance_scale)
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
-            raise NotImplementedError("EMAG with IP-Adapter is not supported: its processor calls attention twice.")
+            raise NotImplementedError("Guidance terms with IP-Adapter are not supported: its processor calls attention twice.")
         if skip_guidance_layers is not None:
-            raise NotImplementedError("Skip-layer guidance together with `emag=` is not supported in this pipeline.")
+            raise NotImplementedError("Use emag.SLG(...) in `guidance=[...]` instead of skip_guidance_layers.")
         self._guidance_scale = guidance_scale
-        if cfg.combination == "additive" and not self.do_classifier_free_guidance:
-            raise ValueError("EMAG combination 'additive' uses the unconditional branch: set guidance_scale > 1.")
-        uses_uncond = cfg.combination != "emag_only" and self.do_classifier_free_guidance
+        has_uncond = uses_uncond(terms)
 
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -121,28 +119,10 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         else:
             batch_size = prompt_embeds.shape[0]
         device = self._execution_device
-        lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-            do_classifier_free_guidance=uses_uncond,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length, lora_scale=lora_scale,
-        )
-        if uses_uncond:  # batch layout [uncond ; cond], as the base pipeline
-            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds], dim=0)
-            pooled_prompt_embeds = torch.cat([negative_pooled_prompt_embeds, pooled_prompt_embeds], dim=0)
-
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.transformer.config.in_channels,
-            height, width, prompt_embeds.dtype, device, generator, latents,
-        )
         scheduler_kwargs = {}
         if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
-            _, _, h, w = latents.shape
-            image_seq_len = (h // self.transformer.config.patch_size) * (w // self.transformer.config.patch_size)
+            image_seq_len = (height // self.vae_scale_factor // self.transformer.config.patch_size) * (
+                width // self.vae_scale_factor // self.transformer.config.patch_size)
             scheduler_kwargs["mu"] = calculate_shift(
                 image_seq_len,
                 self.scheduler.config.get("base_image_seq_len", 256),
@@ -156,49 +136,44 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
             self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
         )
         num_steps = len(timesteps)
-        check_windows(cfg, num_steps)
+        setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
+                      num_steps=num_steps, batch_size=batch_size * num_images_per_prompt, prediction="flow",
+                      guided_channels=self.transformer.config.out_channels, device=device,
+                      dtype=self.transformer.dtype, uses_uncond=has_uncond)
+        runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
+
+        lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=has_uncond,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
+            max_sequence_length=max_sequence_length, lora_scale=lora_scale,
+        )
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt, self.transformer.config.in_channels,
+            height, width, prompt_embeds.dtype, device, generator, latents,
+        )
         self._num_timesteps = num_steps
         num_warmup_steps = max(num_steps - num_inference_steps * self.scheduler.order, 0)
+        conditions = {"cond": TextCondition(prompt_embeds, pooled_prompt_embeds)}
+        if has_uncond:
+            conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
+        channels = self.transformer.config.out_channels
+        engine = make_engine(runtimes, {"main": SD3Backbone(self.transformer, self.joint_attention_kwargs)},
+                             conditions, self.transformer, arch, channels, guided_channels_of(terms, channels),
+                             batching, has_uncond)
 
-        runtime = EMAGAttention(self.transformer, arch, cfg, score_timing="before")
-        trace = []
-
-        def predict(x_in, t, actions=None):
-            kwargs = dict(
-                hidden_states=x_in, timestep=t.expand(x_in.shape[0]), encoder_hidden_states=prompt_embeds,
-                pooled_projections=pooled_prompt_embeds, joint_attention_kwargs=self.joint_attention_kwargs,
-                return_dict=False,
-            )
-            if actions is None:
-                return self.transformer(**kwargs)[0]
-            with runtime.forward_pass(actions):
-                return self.transformer(**kwargs)[0]
-
-        with runtime.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
+        with engine.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = float(self.scheduler.sigmas[i]) if hasattr(self.scheduler, "sigmas") else float(t) / 1000.0
-                ctx = StepContext(i, num_steps, float(t), flow_sigma_edm(sigma))
-                x_in = torch.cat([latents] * 2) if uses_uncond else latents
-                normal = predict(x_in, t)
-                u, c = normal.chunk(2) if uses_uncond else (None, normal)
-
-                do_ema, do_apply = cfg.ema_window.contains(ctx), cfg.apply_window.contains(ctx)
-                u_e, c_e = u, c
-                if do_ema or do_apply:
-                    chosen = runtime.choose(x_in.shape[0]) if do_apply else {}
-                    trace.append(record_step(ctx, do_ema, do_apply, chosen, runtime))
-                    actions = {l: LayerAction(update=do_ema, replace=chosen.get(l, False)) for l in cfg.layers}
-                    perturbed = predict(x_in, t, actions)
-                    u_e, c_e = perturbed.chunk(2) if uses_uncond else (None, perturbed)
-
-                if cfg.combination == "nested":
-                    noise_pred = emag_nested(u, c, c_e, self.guidance_scale, cfg.scale)
-                elif cfg.combination == "additive":
-                    noise_pred = emag_additive(u, c, u_e, self.guidance_scale, cfg.scale)
-                else:
-                    noise_pred = emag_only(c, c_e, cfg.scale)
+                sigma = float(self.scheduler.sigmas[i])
+                param = FlowMatching(sigma)
+                ctx = StepContext(i, num_steps, float(t), param.sigma_edm, param)
+                noise_pred = engine.predict(latents, t, ctx)
 
                 latents_dtype = latents.dtype
                 latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
@@ -211,12 +186,16 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
                     callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
-                    prompt_embeds = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    pooled_prompt_embeds = callback_outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+                    new_pe = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    new_ppe = callback_outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+                    if new_pe is not prompt_embeds or new_ppe is not pooled_prompt_embeds:
+                        prompt_embeds, pooled_prompt_embeds = new_pe, new_ppe
+                        engine.conditions["cond"] = TextCondition(prompt_embeds, pooled_prompt_embeds)
 
                 if i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
-        self.emag_trace = trace
+        self.emag_trace = emag_trace_of(runtimes)
+        self.guidance_runtimes = runtimes
 
         if output_type == "latent":
             image = latents

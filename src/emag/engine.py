@@ -1,0 +1,205 @@
+"""The guided denoiser: evaluates the branches the active terms need and combines them.
+
+One :class:`GuidanceEngine` serves one pipeline call. Per step it
+
+1. asks every active term for its branches and for its edits on the shared ``cond`` / ``uncond``
+   branches (the unconditional branch runs only when a term needs it);
+2. runs the branches stage by stage, batching them into forward passes by the ``batching`` policy:
+   ``"normal"`` (default) runs ``cond``/``uncond`` together exactly as the base pipeline does and the
+   extra branches of a stage together in a second pass (the EMAG reference's layout); ``"all"``
+   puts every branch of a stage in one pass; ``"none"`` runs every branch alone;
+3. combines in the native output space, or in x0 space when an active term asks for it, in the order
+   refine -> uncond replacement -> base -> additive -> post-processing (see :mod:`emag.guidance.base`);
+4. returns the prediction for the B samples with every output channel: guided channels from the
+   combination, the rest (e.g. DiT's learned variance) from the conditional branch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .guidance.base import Branch, TermRuntime
+from .math.combine import merge_guided_channels
+from .plumbing.edits import EditScope, ForwardPlan, RowGroup
+from .windows import StepContext
+
+BATCHING = ("normal", "all", "none")
+
+
+class Predictions(Mapping):
+    """Branch predictions of one step in the combine space, plus what terms may need to convert."""
+
+    def __init__(self, preds: dict[str, Tensor], inputs: dict[str, Tensor], x: Tensor, space: str, param: Any,
+                 channels: int) -> None:
+        self._preds, self.inputs, self.x, self.space, self.param, self.channels = preds, inputs, x, space, param, channels
+
+    def __getitem__(self, name: str) -> Tensor:
+        return self._preds[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._preds)
+
+    def __len__(self) -> int:
+        return len(self._preds)
+
+    def x0_of(self, name: str) -> Tensor:
+        """The x0 estimate of a branch from its own input (SAG's degraded input differs from x_t)."""
+        p = self._preds[name]
+        return p if self.space == "x0" else self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], p)
+
+
+@dataclass
+class GuidanceEngine:
+    runtimes: list[TermRuntime]
+    backbones: dict[str, Any]  # "main" (and e.g. "weak")
+    conditions: dict[str, Any]  # "cond" / "uncond" -> backbone condition object for the B samples
+    scope: EditScope
+    channels: int  # the model's noise / velocity channels (DiT: 4 of 8 outputs)
+    guided_channels: int
+    batching: str = "normal"
+    uses_uncond: bool = True
+    last_passes: list[list[str]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.batching not in BATCHING:
+            raise ValueError(f"Unknown batching policy {self.batching!r}; expected one of {BATCHING}.")
+        bases = [r for r in self.runtimes if r.kind == "base"]
+        if len(bases) > 1:
+            raise ValueError(f"At most one CFG-like base term per call, got {[r.name for r in bases]}.")
+
+    @contextmanager
+    def installed(self) -> Iterator["GuidanceEngine"]:
+        with self.scope.installed():
+            yield self
+
+    # -- evaluation --------------------------------------------------------------------------------
+    def predict(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
+        active = [r for r in self.runtimes if r.active(ctx)]
+        need_uncond = any(r.kind == "base" or r.needs_uncond(ctx) for r in active)
+        if need_uncond and not self.uses_uncond:
+            raise ValueError("A guidance term needs the unconditional branch but the call has no negative condition.")
+        conditions = dict(self.conditions)
+        for r in active:
+            if r.kind == "condition":
+                conditions = r.condition(conditions, ctx)
+        main_order = self.scope_backbone_order()
+        normal = [n for n in main_order if n == "cond" or (n == "uncond" and need_uncond)]
+        extra: list[Branch] = [b for r in active for b in r.branches(ctx)]
+        names = normal + [b.name for b in extra]
+        if len(set(names)) != len(names):
+            raise ValueError(f"Two guidance terms asked for the same branch name: {names}.")
+        outputs: dict[str, Tensor] = {}
+        inputs: dict[str, Tensor] = {}
+        self.last_passes = []
+        stages = sorted({0, 1} | {b.stage for b in extra})
+        for stage in stages:
+            for r in active:
+                r.before_stage(stage, ctx, outputs)
+            todo = [Branch(n, n, stage=0) for n in normal] if stage == 0 else []
+            todo += [b for b in extra if b.stage == stage]
+            for group in self._passes(todo, normal):
+                self._run(group, x, t, ctx, active, conditions, outputs, inputs)
+        return self._combine(x, ctx, active, outputs, inputs)
+
+    def scope_backbone_order(self) -> tuple[str, ...]:
+        return tuple(self.backbones["main"].normal_order)
+
+    def _passes(self, todo: list[Branch], normal: list[str]) -> list[list[Branch]]:
+        by_model: dict[str, list[Branch]] = {}
+        for b in todo:
+            by_model.setdefault(b.model, []).append(b)
+        passes = []
+        for model, branches in by_model.items():
+            if self.batching == "none":
+                passes.extend([[b] for b in branches])
+            elif self.batching == "all" or model != "main":
+                passes.append(branches)
+            else:
+                shared = [b for b in branches if b.name in normal]
+                rest = [b for b in branches if b.name not in normal]
+                passes.extend(p for p in (shared, rest) if p)
+        return passes
+
+    def _run(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
+        model = branches[0].model
+        xs, conds, groups, start = [], [], [], 0
+        for b in branches:
+            xin = b.make_input(outputs) if b.make_input is not None else x
+            n = xin.shape[0]
+            if b.name in ("cond", "uncond"):
+                att: dict[int, list] = {}
+                blk: dict[int, list] = {}
+                for r in active:
+                    a2, b2 = r.shared_edits(ctx, b.name)
+                    for layer, e in a2.items():
+                        att.setdefault(layer, []).extend(e)
+                    for layer, e in b2.items():
+                        blk.setdefault(layer, []).extend(e)
+            else:
+                att, blk = b.resolved_edits()
+            groups.append(RowGroup(b.name, start, start + n, att, blk))
+            xs.append(xin)
+            conds.append(conditions[b.condition])
+            inputs[b.name] = xin
+            start += n
+        self.last_passes.append([b.name for b in branches])
+        backbone = self.backbones[model]
+        if model == "main":
+            grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
+            with self.scope.forward(ForwardPlan(groups, grid)):
+                out = backbone.forward(xs, t, conds)
+        else:
+            if any(g.attention or g.blocks for g in groups):
+                raise ValueError(f"Edits on the separate model {model!r} are not supported.")
+            out = backbone.forward(xs, t, conds)
+        for g in groups:
+            outputs[g.branch] = out[g.rows]
+
+    def _patch(self) -> int:
+        return int(getattr(self.scope.transformer.config, "patch_size", 1) or 1)
+
+    # -- combination -------------------------------------------------------------------------------
+    def _combine(self, x, ctx, active, outputs, inputs) -> Tensor:
+        ch = self.channels
+        space = "x0" if any(r.space == "x0" for r in active) else "native"
+        if space == "x0" and ctx.param is None:
+            raise ValueError("An x0-space guidance term needs the step's parametrisation (scheduler not supported).")
+        preds = {}
+        for name, out in outputs.items():
+            eps = out[:, :ch]
+            preds[name] = ctx.param.to_x0(inputs.get(name, x)[:, :ch], eps) if space == "x0" else eps
+        p = Predictions(preds, inputs, x, space, ctx.param, ch)
+        c = p["cond"]
+        u = p.get("uncond")
+        refined = c
+        for r in active:
+            if r.kind == "refine":
+                refined = r.refine(refined, p, ctx)
+        for r in active:
+            if r.kind == "uncond":
+                u = r.replace_uncond(p, ctx)
+        base = next((r for r in active if r.kind == "base"), None)
+        guided = base.combine(refined, u, p, ctx) if base is not None else refined
+        for r in active:
+            if r.kind == "additive":
+                guided = guided + r.delta(c, p, ctx)
+        if base is not None:
+            guided = base.post(guided, c, ctx)
+        if space == "x0":
+            guided = ctx.param.from_x0(x[:, :ch], guided)
+        if guided is outputs["cond"][:, :ch] and self.guided_channels == ch and outputs["cond"].shape[1] == ch:
+            return outputs["cond"]
+        return merge_guided_channels(guided, outputs["cond"], self.guided_channels)
+
+
+def normal_outputs(engine: GuidanceEngine) -> list[list[str]]:
+    return engine.last_passes
+
+
+__all__ = ["BATCHING", "GuidanceEngine", "Predictions", "torch"]

@@ -1,0 +1,23 @@
+"""Guidance methods as composable terms: ``pipe(..., guidance=[emag.CFG(7.0), emag.EMAG(scale=1.5)])``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import Branch, GuidanceConfig, Setup, TermRuntime
+from .cfg import CFG, CFGZeroStar
+
+
+def needs_negative(term: Any) -> bool:
+    """Whether ``term`` can use the unconditional (negative) prediction in some step."""
+    fn = getattr(term, "needs_negative", None)
+    if callable(fn):
+        return bool(fn())
+    if isinstance(term, (CFG, CFGZeroStar)):
+        return term.scale != 1.0 if isinstance(term, CFG) else True
+    if type(term).__name__ == "EMAG":
+        return term.combination == "additive"
+    return False
+
+
+__all__ = ["Branch", "CFG", "CFGZeroStar", "GuidanceConfig", "Setup", "TermRuntime", "needs_negative"]

@@ -1,0 +1,159 @@
+"""The composition contract every guidance method follows (guidance-methods.md section 11).
+
+A method is a small frozen **config** dataclass (what the user writes: ``PAG(3.0, layers=[13])``) whose
+``runtime(setup)`` builds a **runtime** owning the per-call state (EMA, momentum buffers, RNGs). At
+each step the engine asks every active runtime which extra **branches** it needs (and which edits it
+attaches to the shared ``cond`` / ``uncond`` branches), evaluates all branches, then combines:
+
+1. ``refine``   terms rewrite the conditional prediction (EMAG nested: ``c' = c + (w_e - 1)(c - c_e)``);
+2. ``uncond``   terms replace the unconditional prediction (ERG, autoguidance's weak model);
+3. ``base``     the CFG-like term, at most one (CFG, APG, CFG-Zero*); ``D = c'`` when none is active;
+4. ``additive`` terms add ``s (c - p)`` (PAG, SEG, SAG, SLG, S², TPG, EMAG additive);
+5. post-processing (CFG rescale), then conversion back to the model's native output space.
+
+``condition`` terms (CADS) rewrite the conditioning fed to the branches instead. Windows are per term
+and evaluated on the explicit :class:`~emag.windows.StepContext`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from ..plumbing.edits import AttentionEdit, BlockEdit
+from ..windows import AllSteps, SigmaInterval, StepContext, StepWindow, Window, as_window
+
+KINDS = ("refine", "uncond", "base", "additive", "condition")
+
+
+def check_scale(name: str, value: Any, minimum: float | None = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {value!r}.")
+    if math.isnan(value) or math.isinf(value):
+        raise ValueError(f"`{name}` must be finite, got {value}.")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
+    return float(value)
+
+
+def window_of(value: Any, what: str = "window") -> StepWindow:
+    """``None`` -> every step; a ``(start, stop)`` pair -> :class:`Window`; window objects as they are."""
+    if value is None:
+        return AllSteps()
+    return as_window(value, what)
+
+
+@dataclass
+class Branch:
+    """One extra prediction a term needs this step.
+
+    ``condition`` is ``"cond"`` or ``"uncond"``; ``stage`` orders evaluation (a stage may depend on
+    the outputs of earlier ones, e.g. SAG's degraded input); ``attention`` / ``blocks`` are the edits
+    on this branch's rows, keyed by block index, or a callable returning them at evaluation time
+    (EMAG chooses its block only then); ``model`` selects a separate network (autoguidance);
+    ``make_input(outputs)`` builds the branch's input from earlier outputs (default: ``x_t``).
+    """
+
+    name: str
+    condition: str = "cond"
+    stage: int = 0
+    attention: dict[int, list[AttentionEdit]] | Callable[[], dict[int, list[AttentionEdit]]] = field(default_factory=dict)
+    blocks: dict[int, list[BlockEdit]] | Callable[[], dict[int, list[BlockEdit]]] = field(default_factory=dict)
+    model: str = "main"
+    make_input: Callable[[dict[str, Tensor]], Tensor] | None = None
+
+    def resolved_edits(self) -> tuple[dict, dict]:
+        att = self.attention() if callable(self.attention) else self.attention
+        blk = self.blocks() if callable(self.blocks) else self.blocks
+        return att, blk
+
+
+@dataclass
+class Setup:
+    """What a runtime may need to know about the call, fixed before the first step."""
+
+    family: str  # "sd3" | "dit"
+    arch: Any
+    num_blocks: int
+    num_steps: int
+    batch_size: int
+    prediction: str  # "flow" | "epsilon"
+    guided_channels: int
+    device: Any = None
+    dtype: Any = None
+    models: dict[str, Any] = field(default_factory=dict)
+    uses_uncond: bool = True
+
+
+class TermRuntime:
+    """Per-call state and behaviour of one guidance term. Override what the term's kind needs."""
+
+    kind: str = "additive"
+    space: str = "native"  # "native" or "x0"
+    name: str = "term"
+
+    def __init__(self, config: Any, window: StepWindow) -> None:
+        self.config = config
+        self.window = window
+
+    # -- planning ------------------------------------------------------------------------------------
+    def active(self, ctx: StepContext) -> bool:
+        return self.window.contains(ctx)
+
+    def needs_uncond(self, ctx: StepContext) -> bool:
+        return False
+
+    def branches(self, ctx: StepContext) -> list[Branch]:
+        return []
+
+    def shared_edits(self, ctx: StepContext, branch: str) -> tuple[dict[int, list[AttentionEdit]], dict[int, list[BlockEdit]]]:
+        """Edits this term attaches to the shared ``cond`` / ``uncond`` branches (e.g. observers)."""
+        return {}, {}
+
+    def attention_layers(self) -> set[int]:
+        return set()
+
+    def block_layers(self) -> set[int]:
+        return set()
+
+    def before_stage(self, stage: int, ctx: StepContext, outputs: dict[str, Tensor]) -> None:
+        """Called before the forward passes of ``stage`` (EMAG's DiT protocol selects its block here)."""
+
+    # -- combination (inputs are in this term's space; ``p`` maps branch name -> prediction) ----------
+    def refine(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def replace_uncond(self, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def combine(self, c: Tensor, u: Tensor | None, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def delta(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        raise NotImplementedError
+
+    def condition(self, cond: Any, ctx: StepContext) -> Any:
+        raise NotImplementedError
+
+    def post(self, guided: Tensor, c: Tensor, ctx: StepContext) -> Tensor:
+        return guided
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.name, **{k: v for k, v in vars(self.config).items() if not k.startswith("_")}}
+
+
+class GuidanceConfig:
+    """Marker base for the user-facing config dataclasses; subclasses implement ``runtime``."""
+
+    def runtime(self, setup: Setup) -> TermRuntime:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+__all__ = [
+    "AllSteps", "Branch", "GuidanceConfig", "KINDS", "Setup", "SigmaInterval", "TermRuntime", "Window",
+    "check_scale", "window_of",
+]

@@ -1,0 +1,117 @@
+"""Classifier-free guidance and its variants: guidance interval, CFG rescale, CFG-Zero*."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..math.combine import cfg
+from ..windows import SigmaInterval, StepContext
+from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
+
+
+def rescale_cfg(guided: Tensor, cond: Tensor, phi: float) -> Tensor:
+    """CFG rescale (Lin et al., WACV 2024, section 3.4), per sample over all non-batch dims:
+    ``D_r = D * std(c) / std(D)``, output ``phi D_r + (1 - phi) D``."""
+    dims = list(range(1, guided.dim()))
+    std_c = cond.std(dim=dims, keepdim=True)
+    std_g = guided.std(dim=dims, keepdim=True)
+    return phi * (guided * (std_c / std_g)) + (1.0 - phi) * guided
+
+
+def zero_star_scale(cond: Tensor, uncond: Tensor) -> Tensor:
+    """CFG-Zero*'s optimised scale per sample, ``s* = <c, u> / (||u||^2 + 1e-8)`` in float32
+    (Fan et al. 2025, arXiv 2503.18886), shaped to broadcast over the sample."""
+    c, u = cond.flatten(1).float(), uncond.flatten(1).float()
+    s = (c * u).sum(1) / (u.pow(2).sum(1) + 1e-8)
+    return s.view(-1, *([1] * (cond.dim() - 1))).to(cond.dtype)
+
+
+@dataclass(frozen=True)
+class CFG(GuidanceConfig):
+    """Classifier-free guidance ``D = u + w (c - u)`` (Ho & Salimans 2022; Imagen convention, w = 1 is off).
+
+    Args:
+        scale: ``w``; ``1`` is neutral (no unconditional pass is run).
+        window: step window (fractions ``(start, stop)``, half-open) or a :class:`~emag.SigmaInterval`.
+        interval: the guidance interval of Kynkäänniemi et al. (NeurIPS 2024): ``(sigma_lo, sigma_hi]`` in
+            EDM sigma; outside it CFG is off and the unconditional pass is skipped. Exclusive with ``window``.
+        rescale: CFG-rescale ``phi`` in [0, 1] (0 = off), per sample, applied after all terms.
+        guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT convention).
+    """
+
+    scale: float = 7.0
+    window: Any = None
+    interval: tuple[float, float] | None = None
+    rescale: float = 0.0
+    guided_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        check_scale("scale", self.scale)
+        check_scale("rescale", self.rescale)
+        if self.rescale > 1:
+            raise ValueError(f"`rescale` must be in [0, 1], got {self.rescale}.")
+        if self.interval is not None and self.window is not None:
+            raise ValueError("Give either `window` or `interval` (the sigma guidance interval), not both.")
+        if self.interval is not None:
+            SigmaInterval(*self.interval)  # validate
+        window_of(self.window)
+        if self.guided_channels is not None and (not isinstance(self.guided_channels, int) or self.guided_channels < 1):
+            raise ValueError(f"`guided_channels` must be a positive int or None, got {self.guided_channels!r}.")
+
+    def term_window(self):
+        return SigmaInterval(*self.interval) if self.interval is not None else window_of(self.window)
+
+    def runtime(self, setup: Setup) -> TermRuntime:
+        return CFGRuntime(self, self.term_window())
+
+
+class CFGRuntime(TermRuntime):
+    kind = "base"
+    name = "cfg"
+
+    def active(self, ctx: StepContext) -> bool:
+        return self.config.scale != 1.0 and self.window.contains(ctx)
+
+    def combine(self, c, u, p, ctx) -> Tensor:
+        return cfg(u, c, self.config.scale)
+
+    def post(self, guided, c, ctx) -> Tensor:
+        return rescale_cfg(guided, c, self.config.rescale) if self.config.rescale > 0 else guided
+
+
+@dataclass(frozen=True)
+class CFGZeroStar(GuidanceConfig):
+    """CFG-Zero* (Fan et al. 2025): ``D = s* u + w (c - s* u)`` with the per-sample optimised scale
+    ``s*``, and the output zeroed for the first ``zero_init_steps`` steps. Flow-matching models only:
+    a zero velocity leaves ``x_t`` in place, while a zero epsilon would not."""
+
+    scale: float = 4.0
+    zero_init_steps: int = 1
+    window: Any = None
+
+    def __post_init__(self) -> None:
+        check_scale("scale", self.scale)
+        if not isinstance(self.zero_init_steps, int) or self.zero_init_steps < 0:
+            raise ValueError(f"`zero_init_steps` must be an int >= 0, got {self.zero_init_steps!r}.")
+        window_of(self.window)
+
+    def runtime(self, setup: Setup) -> TermRuntime:
+        if setup.prediction != "flow":
+            raise ValueError("CFG-Zero* is defined for flow-matching models (zero velocity); this model predicts "
+                             f"{setup.prediction}.")
+        return CFGZeroStarRuntime(self, window_of(self.window))
+
+
+class CFGZeroStarRuntime(TermRuntime):
+    kind = "base"
+    name = "cfg_zero_star"
+
+    def combine(self, c, u, p, ctx) -> Tensor:
+        if ctx.index < self.config.zero_init_steps:
+            return torch.zeros_like(c)
+        s = zero_star_scale(c, u)
+        return s * u + self.config.scale * (c - s * u)

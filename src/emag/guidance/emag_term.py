@@ -1,0 +1,163 @@
+"""EMAG as a guidance term, with the per-step protocols of the published numbers (emag.md section 5).
+
+SD3 protocol (score before the update, choice from the previous step's scores): inside the windows
+two perturbed branches ``emag:uncond`` and ``emag:cond`` (EMA rows ``[uncond ; cond]``, the reference's
+doubled perturbed batch) feed every candidate's EMA and replace the chosen block. They need no result
+of this step, so they may share a forward pass with the normal branches.
+
+DiT protocol (score after the update, choice from the current step's scores): the normal ``cond`` then
+``uncond`` branches feed the EMA (observers), then, in a second stage, the perturbed ``emag:cond``
+branch replaces the chosen block. The additive reference mode feeds one update over EMA rows
+``[cond ; uncond]`` and perturbs both halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import Tensor
+
+from ..config import EMAG, ResolvedEMAG, resolve
+from ..math.combine import emag_only
+from ..plumbing.emag_attention import EMAGFeed, EMAGReplace, EMAGState
+from ..windows import StepContext, window_steps
+from .base import Branch, Setup, TermRuntime
+
+
+@dataclass
+class StepRecord:
+    """What EMAG did at one step: windows, chosen blocks, and the scores the choice was made from."""
+
+    index: int
+    ema: bool
+    apply: bool
+    chosen: list[int] = field(default_factory=list)
+    scores: dict[int, float | None] = field(default_factory=dict)
+
+
+def check_windows(cfg: ResolvedEMAG, num_steps: int) -> tuple[list[int], list[int]]:
+    """The EMA and replacement steps of this schedule; the replacement may not precede the EMA."""
+    ema_steps = window_steps(cfg.ema_window, num_steps)
+    apply_steps = window_steps(cfg.apply_window, num_steps)
+    if apply_steps and (not ema_steps or apply_steps[0] < ema_steps[0]):
+        raise ValueError(
+            f"EMAG replacement window ({cfg.apply_window.describe()}) starts at step {apply_steps[0]} of "
+            f"{num_steps}, before the EMA window ({cfg.ema_window.describe()}) has fed any EMA "
+            f"(first EMA step: {ema_steps[0] if ema_steps else 'none'})."
+        )
+    return ema_steps, apply_steps
+
+
+class EMAGRuntime(TermRuntime):
+    name = "emag"
+
+    def __init__(self, config: EMAG, setup: Setup) -> None:
+        cfg: ResolvedEMAG = resolve(config, setup.family, setup.num_blocks, setup.arch.class_name)
+        super().__init__(config, cfg.ema_window)
+        self.cfg = cfg
+        self.setup = setup
+        self.kind = "additive" if cfg.combination == "additive" else "refine"
+        self.protocol = "sd3" if setup.family == "sd3" else "dit"
+        b = setup.batch_size
+        if cfg.combination == "additive" and not setup.uses_uncond:
+            raise ValueError("EMAG combination 'additive' uses the unconditional branch: enable CFG (scale > 1).")
+        self.with_uncond = cfg.combination != "emag_only" and setup.uses_uncond
+        if self.protocol == "sd3":
+            # EMA rows follow the reference's perturbed batch: [uncond ; cond], or [cond] alone.
+            self.rows = {"uncond": slice(0, b), "cond": slice(b, 2 * b)} if self.with_uncond else {"cond": slice(0, b)}
+            n_rows = 2 * b if self.with_uncond else b
+        elif cfg.combination == "additive":
+            self.rows = {"cond": slice(0, b), "uncond": slice(b, 2 * b)}
+            n_rows = 2 * b
+        else:
+            self.rows = {"cond": slice(0, b)}
+            n_rows = b
+        self.state = EMAGState(cfg, n_rows, "before" if self.protocol == "sd3" else "after")
+        check_windows(cfg, setup.num_steps)
+        self.trace: list[StepRecord] = []
+        self._chosen: dict | None = None
+        self._step = -1
+
+    # -- windows -------------------------------------------------------------------------------------
+    def _windows(self, ctx: StepContext) -> tuple[bool, bool]:
+        return self.cfg.ema_window.contains(ctx), self.cfg.apply_window.contains(ctx)
+
+    def active(self, ctx: StepContext) -> bool:
+        if self.cfg.combination == "additive":
+            return True  # outside the windows u_e = u: the reference's u + (w + w_e)(c - u)
+        ema, apply = self._windows(ctx)
+        return ema or apply
+
+    def needs_uncond(self, ctx: StepContext) -> bool:
+        return self.cfg.combination == "additive" or (self.protocol == "dit" and self.with_uncond and self._windows(ctx)[0])
+
+    def attention_layers(self) -> set[int]:
+        return set(self.cfg.layers)
+
+    # -- per-step planning -----------------------------------------------------------------------------
+    def _begin(self, ctx: StepContext) -> None:
+        if self._step != ctx.index:
+            self._step, self._chosen = ctx.index, None
+
+    def _choose(self, ctx: StepContext) -> dict:
+        self._begin(ctx)
+        if self._chosen is None:
+            ema, apply = self._windows(ctx)
+            self._chosen = self.state.choose() if apply else {}
+            self.trace.append(StepRecord(ctx.index, ema, apply, sorted(self._chosen), self.state.scores()))
+        return self._chosen
+
+    def _edits(self, ctx: StepContext, which: str, feed: bool) -> dict:
+        chosen = self._choose(ctx)
+        rows = self.rows[which]
+        edits: dict[int, list] = {}
+        for layer in self.cfg.layers:
+            lst = []
+            if feed:
+                lst.append(EMAGFeed(self.state, layer, rows))
+            if layer in chosen:
+                lst.append(EMAGReplace(self.state, layer, rows, chosen[layer]))
+            if lst:
+                edits[layer] = lst
+        return edits
+
+    def branches(self, ctx: StepContext) -> list[Branch]:
+        ema, apply = self._windows(ctx)
+        if self.protocol == "sd3":
+            if not (ema or apply):
+                return []
+            return [Branch(f"emag:{w}", w, stage=0, attention=(lambda w=w: self._edits(ctx, w, ema)))
+                    for w in self.rows]
+        if not apply:
+            return []
+        names = ["cond", "uncond"] if self.cfg.combination == "additive" else ["cond"]
+        return [Branch(f"emag:{w}", w, stage=1, attention=(lambda w=w: self._edits(ctx, w, False))) for w in names]
+
+    def shared_edits(self, ctx: StepContext, branch: str):
+        if self.protocol != "dit" or not self._windows(ctx)[0] or branch not in self.rows and not (
+                branch == "uncond" and self.with_uncond):
+            return {}, {}
+        ema_rows = self.rows.get(branch, self.rows["cond"])  # nested: cond and uncond both feed all rows
+        repeats = 2 if self.cfg.combination == "emag_only" else 1  # reference's two identical null passes
+        return {l: [EMAGFeed(self.state, l, ema_rows, repeats)] for l in self.cfg.layers}, {}
+
+    def before_stage(self, stage: int, ctx: StepContext, outputs) -> None:
+        if self.protocol == "dit" and stage == 1 and any(self._windows(ctx)):
+            self._choose(ctx)  # after the normal passes fed the EMA: current-step scores
+
+    # -- combination ----------------------------------------------------------------------------------
+    def refine(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        """``c' = c_e + w_e (c - c_e)`` (paper Eq. 14), written ``c + (w_e - 1)(c - c_e)``."""
+        c_e = p.get("emag:cond")
+        if c_e is None:  # outside the replacement window the perturbed pass equals the normal one
+            return c
+        return emag_only(c, c_e, self.cfg.scale)
+
+    def delta(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        """Additive reference mode: ``w_e (c - u_e)``, with ``u_e = u`` outside the replacement window."""
+        u_e = p.get("emag:uncond", p["uncond"])
+        return self.cfg.scale * (c - u_e)
+
+    def describe(self) -> dict:
+        return {"method": "emag", **self.cfg.to_dict()}
+

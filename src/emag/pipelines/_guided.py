@@ -1,0 +1,72 @@
+"""Shared pipeline plumbing: turning the call's arguments into guidance terms and an engine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..config import EMAG
+from ..engine import GuidanceEngine
+from ..guidance.base import Setup, TermRuntime
+from ..guidance.cfg import CFG
+from ..plumbing.architectures import Architecture
+from ..plumbing.edits import EditScope
+
+
+def build_terms(guidance: Sequence[Any] | None, emag: EMAG | None, guidance_scale: float) -> list[Any]:
+    """The guidance terms of a call: ``guidance=[...]`` as given, or the legacy ``guidance_scale`` / ``emag``."""
+    if guidance is not None:
+        if emag is not None:
+            raise ValueError("Pass EMAG either as `emag=` or inside `guidance=[...]`, not both.")
+        if isinstance(guidance, (str, bytes)) or not isinstance(guidance, Sequence):
+            raise TypeError("`guidance` must be a list of guidance terms, e.g. [emag.CFG(7.0), emag.EMAG()].")
+        terms = list(guidance)
+    else:
+        if emag is not None and not isinstance(emag, EMAG):
+            raise TypeError(f"`emag` must be an emag.EMAG instance or None, got {type(emag).__name__}.")
+        terms = []
+        if guidance_scale > 1 and (emag is None or emag.combination != "emag_only"):
+            terms.append(CFG(guidance_scale))
+        if emag is not None:
+            terms.append(emag)
+    for t in terms:
+        if not hasattr(t, "runtime"):
+            raise TypeError(f"{t!r} is not a guidance term (expected e.g. emag.CFG, emag.EMAG, emag.PAG).")
+    return terms
+
+
+def uses_uncond(terms: Sequence[Any]) -> bool:
+    """Whether any term can need the unconditional prediction (so negative conditions are prepared)."""
+    from ..guidance import needs_negative
+
+    return any(needs_negative(t) for t in terms)
+
+
+def guided_channels_of(terms: Sequence[Any], channels: int) -> int:
+    values = {t.guided_channels for t in terms if getattr(t, "guided_channels", None) is not None}
+    if len(values) > 1:
+        raise ValueError(f"Guidance terms disagree on guided_channels: {sorted(values)}.")
+    n = values.pop() if values else channels
+    if n > channels:
+        raise ValueError(f"guided_channels={n} exceeds the model's {channels} latent channels.")
+    return n
+
+
+def make_runtimes(terms: Sequence[Any], setup: Setup) -> list[TermRuntime]:
+    runtimes = [t.runtime(setup) for t in terms]
+    return runtimes
+
+
+def make_engine(runtimes: list[TermRuntime], backbones: dict, conditions: dict, transformer, arch: Architecture,
+                channels: int, guided_channels: int, batching: str, has_uncond: bool) -> GuidanceEngine:
+    att = set().union(*[r.attention_layers() for r in runtimes]) if runtimes else set()
+    blk = set().union(*[r.block_layers() for r in runtimes]) if runtimes else set()
+    scope = EditScope(transformer, arch, att, blk)
+    return GuidanceEngine(runtimes, backbones, conditions, scope, channels, guided_channels, batching, has_uncond)
+
+
+def emag_trace_of(runtimes: list[TermRuntime]) -> list | None:
+    for r in runtimes:
+        if getattr(r, "name", None) == "emag":
+            return r.trace
+    return None

@@ -1,0 +1,286 @@
+"""Per-branch model edits inside one batched forward pass.
+
+A forward pass evaluates several branches at once: its batch rows are split into :class:`RowGroup`s,
+one per branch, each with the edits (perturbations or observers) that apply to its rows only. The
+attention edits act inside the fused attention call of chosen blocks (intercepted with
+:func:`route_attention`); block edits act on whole transformer blocks (forward hooks). Rows without
+edits keep the model's own fused attention, bit for bit.
+
+Every edit in a plan must be reached exactly once per forward pass; otherwise the pass raises, so a
+perturbation can never silently do nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..math.ema import attention_probs
+from .architectures import Architecture
+from .intercept import AttentionCall, bind_sdpa, route_attention
+
+
+@dataclass(frozen=True)
+class AttentionInfo:
+    """What an attention edit may need to know about the intercepted call."""
+
+    layer: int
+    num_image_tokens: int
+    grid: tuple[int, int] | None  # (H/p, W/p) image-token grid, row-major
+    arch: Architecture
+    scale: float
+
+
+class AttentionEdit:
+    """Base class: override the hooks you need. ``rows`` is the (start, stop) of the group's rows."""
+
+    needs_probs: bool = False
+    uses_mask: bool = False  # True when ``mask`` may return an attention mask
+    modifies_output: bool = True  # False for observers (e.g. an EMA fed by a normal pass)
+
+    def query(self, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> Tensor:
+        return q
+
+    def mask(self, q: Tensor, k: Tensor, info: AttentionInfo) -> Tensor | None:
+        """An additive attention mask ``[1 or B, 1 or H, Nq, Nk]`` (e.g. PAG's identity map)."""
+        return None
+
+    def probs(self, p: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> Tensor:
+        return p
+
+    def finish(self, info: AttentionInfo) -> None:
+        """Called once per intercepted call after every group was processed."""
+
+
+class BlockEdit:
+    """Base class for whole-block edits (skip, token permutation)."""
+
+    def before(self, hidden: Tensor, encoder: Tensor | None, rows: slice) -> tuple[Tensor, Tensor | None]:
+        return hidden, encoder
+
+    def after(self, hidden_in: Tensor, encoder_in: Tensor | None, hidden_out: Tensor, encoder_out: Tensor | None,
+              rows: slice) -> tuple[Tensor, Tensor | None]:
+        return hidden_out, encoder_out
+
+
+@dataclass
+class RowGroup:
+    """Rows ``[start, stop)`` of a forward pass belong to one branch, with its edits by block index."""
+
+    branch: str
+    start: int
+    stop: int
+    attention: dict[int, list[AttentionEdit]] = field(default_factory=dict)
+    blocks: dict[int, list[BlockEdit]] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass
+class ForwardPlan:
+    groups: list[RowGroup]
+    grid: tuple[int, int] | None = None
+
+    @property
+    def attention_layers(self) -> set[int]:
+        return {l for g in self.groups for l, e in g.attention.items() if e}
+
+    @property
+    def block_layers(self) -> set[int]:
+        return {l for g in self.groups for l, e in g.blocks.items() if e}
+
+
+def _split_block_io(arch: Architecture, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+    return hidden, encoder
+
+
+class EditScope:
+    """Installs the interception for one pipeline call and applies the current :class:`ForwardPlan`."""
+
+    def __init__(self, transformer: nn.Module, arch: Architecture, attention_layers, block_layers) -> None:
+        self.transformer = transformer
+        self.arch = arch
+        blocks = getattr(transformer, arch.blocks_attr)
+        self.attention_modules = {l: getattr(blocks[l], arch.attention_attr) for l in sorted(attention_layers)}
+        self.block_modules = {l: blocks[l] for l in sorted(block_layers)}
+        self.plan: ForwardPlan | None = None
+        self._att_calls: dict[int, int] = {}
+        self._block_calls: dict[int, int] = {}
+
+    # -- installation ------------------------------------------------------------------------------
+    @contextmanager
+    def installed(self) -> Iterator["EditScope"]:
+        handles = []
+        try:
+            for layer, module in self.block_modules.items():
+                handles.append(module.register_forward_pre_hook(self._block_pre(layer), with_kwargs=True))
+                handles.append(module.register_forward_hook(self._block_post(layer), with_kwargs=True))
+            with route_attention(self.attention_modules, self._attention):
+                yield self
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextmanager
+    def forward(self, plan: ForwardPlan) -> Iterator[None]:
+        """Run one forward pass under ``plan``; afterwards check every edit was reached once."""
+        missing_att = plan.attention_layers - set(self.attention_modules)
+        missing_blk = plan.block_layers - set(self.block_modules)
+        if missing_att or missing_blk:
+            raise RuntimeError(f"Edits planned on blocks that were not installed: {sorted(missing_att | missing_blk)}")
+        self.plan = plan
+        self._att_calls = {l: 0 for l in self.attention_modules}
+        self._block_calls = {l: 0 for l in self.block_modules}
+        self._block_inputs: dict[int, tuple] = {}
+        try:
+            yield
+        finally:
+            self.plan = None
+        for kind, layers, calls in (("attention", plan.attention_layers, self._att_calls),
+                                    ("block", plan.block_layers, self._block_calls)):
+            for layer in sorted(layers):
+                if calls[layer] != 1:
+                    raise RuntimeError(
+                        f"A guidance edit on block {layer} expected exactly one {kind} call in this forward pass "
+                        f"but saw {calls[layer]}. The edits intercept torch's scaled_dot_product_attention inside "
+                        f"`{self.arch.blocks_attr}[{layer}].{self.arch.attention_attr}` and the block's forward; "
+                        "a non-native attention backend, a custom processor or an adapter can bypass or repeat them."
+                    )
+
+    # -- attention ---------------------------------------------------------------------------------
+    def _attention(self, call: AttentionCall, sdpa, args: tuple, kwargs: dict) -> Tensor:
+        self._att_calls[call.layer] = self._att_calls.get(call.layer, 0) + 1
+        plan = self.plan
+        if plan is None:
+            return sdpa(*args, **kwargs)
+        edited = [(g, g.attention.get(call.layer, [])) for g in plan.groups]
+        edited = [(g, e) for g, e in edited if e]
+        if not edited:
+            return sdpa(*args, **kwargs)
+        a = bind_sdpa(args, kwargs)
+        if a["dropout_p"] or a["is_causal"]:
+            raise RuntimeError("Guidance edits do not support attention dropout or causal masks.")
+        q, k, v = a["query"], a["key"], a["value"]
+        n_img = q.shape[2] if self.arch.token_layout == "image_only" else call.num_image_tokens
+        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+        info = AttentionInfo(call.layer, n_img, plan.grid, self.arch, scale)
+        modifying = [(g, e) for g, e in edited if any(x.modifies_output for x in e)]
+        seen = []
+        if not any(x.needs_probs or x.uses_mask for _, e in edited for x in e):
+            # Query-only edits (EMAG-Q, SEG, ERG): edit each group's queries, then ONE fused call over
+            # the whole batch, exactly as the unedited model would make it.
+            q_new = q.clone() if modifying else q
+            for g, edits in edited:
+                qg = q[g.rows]
+                for e in edits:
+                    qg = e.query(qg, k[g.rows], v[g.rows], info, (g.start, g.stop))
+                    if e not in seen:
+                        seen.append(e)
+                if modifying:
+                    q_new[g.rows] = qg
+            out = sdpa(q_new, k, v, attn_mask=a["attn_mask"], scale=a["scale"]) if modifying else sdpa(*args, **kwargs)
+            for e in seen:
+                e.finish(info)
+            return out
+        covered = sum(g.stop - g.start for g, _ in modifying)
+        out = sdpa(*args, **kwargs) if covered < q.shape[0] else q.new_empty((*q.shape[:-1], v.shape[-1]))
+        for g, edits in edited:
+            rows = (g.start, g.stop)
+            res = self._edited_attention(q[g.rows], k[g.rows], v[g.rows], a, edits, info, rows, sdpa)
+            if res is not None:
+                out[g.rows] = res
+            seen.extend(e for e in edits if e not in seen)
+        for e in seen:
+            e.finish(info)
+        return out
+
+    def _edited_attention(self, q, k, v, a, edits, info, rows, sdpa) -> Tensor | None:
+        """The attention output of one group's rows, or None when its edits only observe."""
+        for e in edits:
+            q = e.query(q, k, v, info, rows)
+        modifies = any(e.modifies_output for e in edits)
+        mask = a["attn_mask"]
+        if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[0] > 1:
+            mask = mask[rows[0]:rows[1]]
+        for m in (e.mask(q, k, info) for e in edits):
+            if m is not None:
+                mask = m if mask is None else mask + m
+        if not any(e.needs_probs for e in edits):
+            return sdpa(q, k, v, attn_mask=mask, scale=a["scale"]) if modifies else None
+        p = attention_probs(q, k, info.scale, info.arch.scale_queries_first, mask)
+        for e in edits:
+            p = e.probs(p, info, rows)
+        return (p @ v).to(q.dtype) if modifies else None
+
+    # -- blocks ------------------------------------------------------------------------------------
+    def _groups_for_block(self, layer: int):
+        if self.plan is None:
+            return []
+        return [(g, g.blocks[layer]) for g in self.plan.groups if g.blocks.get(layer)]
+
+    def _block_pre(self, layer: int):
+        def hook(module, args, kwargs):
+            self._block_calls[layer] = self._block_calls.get(layer, 0) + 1
+            groups = self._groups_for_block(layer)
+            if not groups:
+                return None
+            hidden, encoder = _split_block_io(self.arch, args, kwargs)
+            self._block_inputs[layer] = (hidden, encoder)
+            new_h, new_e = hidden, encoder
+            for g, edits in groups:
+                for e in edits:
+                    h_rows, e_rows = e.before(new_h[g.rows], None if new_e is None else new_e[g.rows], g.rows)
+                    if h_rows is not new_h[g.rows]:
+                        new_h = new_h.clone() if new_h is hidden else new_h
+                        new_h[g.rows] = h_rows
+                    if new_e is not None and e_rows is not None and e_rows is not new_e[g.rows]:
+                        new_e = new_e.clone() if new_e is encoder else new_e
+                        new_e[g.rows] = e_rows
+            if new_h is hidden and new_e is encoder:
+                return None
+            kwargs = dict(kwargs)
+            args = list(args)
+            if "hidden_states" in kwargs:
+                kwargs["hidden_states"] = new_h
+            else:
+                args[0] = new_h
+            if encoder is not None:
+                if "encoder_hidden_states" in kwargs:
+                    kwargs["encoder_hidden_states"] = new_e
+                elif len(args) > 1:
+                    args[1] = new_e
+            return tuple(args), kwargs
+
+        return hook
+
+    def _block_post(self, layer: int):
+        def hook(module, args, kwargs, output):
+            groups = self._groups_for_block(layer)
+            if not groups:
+                return None
+            hidden_in, encoder_in = self._block_inputs.pop(layer)
+            if isinstance(output, tuple):  # SD3 joint block: (encoder_hidden_states, hidden_states)
+                enc_out, hid_out = output
+            else:
+                enc_out, hid_out = None, output
+            hid_out = hid_out.clone()
+            enc_out = None if enc_out is None else enc_out.clone()
+            for g, edits in groups:
+                for e in edits:
+                    h, en = e.after(hidden_in[g.rows], None if encoder_in is None else encoder_in[g.rows],
+                                    hid_out[g.rows], None if enc_out is None else enc_out[g.rows], g.rows)
+                    hid_out[g.rows] = h
+                    if enc_out is not None and en is not None:
+                        enc_out[g.rows] = en
+            return (enc_out, hid_out) if isinstance(output, tuple) else hid_out
+
+        return hook
