@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
 from torch import Tensor
 
 from .guidance.base import Branch, TermRuntime
@@ -198,8 +197,4 @@ class GuidanceEngine:
         return merge_guided_channels(guided, outputs["cond"], self.guided_channels)
 
 
-def normal_outputs(engine: GuidanceEngine) -> list[list[str]]:
-    return engine.last_passes
-
-
-__all__ = ["BATCHING", "GuidanceEngine", "Predictions", "torch"]
+__all__ = ["BATCHING", "GuidanceEngine", "Predictions"]

@@ -6,6 +6,8 @@ from typing import Any
 
 from .base import Branch, GuidanceConfig, Setup, TermRuntime
 from .cfg import CFG, CFGZeroStar
+from .pag import PAG
+from .slg import SLG, STG
 
 
 def needs_negative(term: Any) -> bool:
@@ -20,4 +22,4 @@ def needs_negative(term: Any) -> bool:
     return False
 
 
-__all__ = ["Branch", "CFG", "CFGZeroStar", "GuidanceConfig", "Setup", "TermRuntime", "needs_negative"]
+__all__ = ["Branch", "CFG", "CFGZeroStar", "PAG", "SLG", "STG", "GuidanceConfig", "Setup", "TermRuntime", "needs_negative"]

@@ -117,6 +117,11 @@ class TermRuntime:
     def attention_layers(self) -> set[int]:
         return set()
 
+    def extra_models(self) -> dict[str, Any]:
+        """Separate networks this term evaluates branches with (``Branch.model`` names), e.g. the weak
+        model of autoguidance. The pipeline wraps each in the same backbone as the main model."""
+        return {}
+
     def block_layers(self) -> set[int]:
         return set()
 

@@ -57,8 +57,15 @@ def make_runtimes(terms: Sequence[Any], setup: Setup) -> list[TermRuntime]:
     return runtimes
 
 
-def make_engine(runtimes: list[TermRuntime], backbones: dict, conditions: dict, transformer, arch: Architecture,
+def make_engine(runtimes: list[TermRuntime], backbone_of, conditions: dict, transformer, arch: Architecture,
                 channels: int, guided_channels: int, batching: str, has_uncond: bool) -> GuidanceEngine:
+    """``backbone_of(transformer)`` wraps a network in the pipeline's backbone adapter."""
+    backbones = {"main": backbone_of(transformer)}
+    for r in runtimes:
+        for name, model in r.extra_models().items():
+            if name in backbones:
+                raise ValueError(f"Two guidance terms use the model name {name!r}.")
+            backbones[name] = backbone_of(model)
     att = set().union(*[r.attention_layers() for r in runtimes]) if runtimes else set()
     blk = set().union(*[r.block_layers() for r in runtimes]) if runtimes else set()
     scope = EditScope(transformer, arch, att, blk)

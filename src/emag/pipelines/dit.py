@@ -139,11 +139,12 @@ class DiTEMAGPipeline(DiTPipeline):
         conditions = {"cond": ClassCondition(labels)}
         if has_uncond:
             conditions["uncond"] = ClassCondition(torch.full_like(labels, self.null_class))
-        engine = make_engine(runtimes, {"main": DiTBackbone(self.transformer, self.scheduler)}, conditions,
+        engine = make_engine(runtimes, lambda m: DiTBackbone(m, self.scheduler), conditions,
                              self.transformer, arch, channels, guided, batching, has_uncond)
         alphas = self.scheduler.alphas_cumprod
         num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
 
+        self.guidance_engine = engine
         with engine.installed():
             for i, t in enumerate(self.progress_bar(timesteps)):
                 param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)

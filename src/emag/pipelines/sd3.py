@@ -162,10 +162,11 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         if has_uncond:
             conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
         channels = self.transformer.config.out_channels
-        engine = make_engine(runtimes, {"main": SD3Backbone(self.transformer, self.joint_attention_kwargs)},
+        engine = make_engine(runtimes, lambda m: SD3Backbone(m, self.joint_attention_kwargs),
                              conditions, self.transformer, arch, channels, guided_channels_of(terms, channels),
                              batching, has_uncond)
 
+        self.guidance_engine = engine
         with engine.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
                 if self.interrupt:

@@ -1,0 +1,171 @@
+"""The composable guidance API: engine invariants, PAG and SLG against diffusers' own implementations."""
+
+import pytest
+import torch
+from diffusers import StableDiffusion3PAGPipeline
+
+import emag
+from tiny_models import dit_latents, sd3_embeds, sd3_latents, tiny_dit_pipeline, tiny_sd3_pipeline
+
+N = 6
+
+
+@pytest.fixture(scope="module")
+def base():
+    p = tiny_sd3_pipeline(num_layers=6)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def pipe(base):
+    p = emag.StableDiffusion3EMAGPipeline.from_pipe(base)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def kw(**extra):
+    d = dict(**sd3_embeds(2), latents=sd3_latents(2), num_inference_steps=N, guidance_scale=5.0, output_type="latent")
+    d.update(extra)
+    return d
+
+
+def test_cfg_term_is_the_base_pipeline_and_guidance_scale_still_works(base, pipe):
+    expected = base(**kw()).images
+    assert torch.equal(pipe(**kw(guidance=[emag.CFG(5.0)])).images, expected)
+    assert torch.equal(pipe(**kw()).images, expected)
+    # CFG(1) is neutral: no unconditional pass, the conditional prediction exactly
+    assert torch.equal(pipe(**kw(guidance=[emag.CFG(1.0)])).images, base(**kw(guidance_scale=1.0)).images)
+
+
+@pytest.mark.parametrize("term", [emag.PAG(0.0, layers=[2]), emag.SLG(0.0, layers=[2]), emag.STG(0.0, layers=[1]),
+                                  emag.EMAG(scale=1.0, layers=[1, 2])])
+def test_neutral_perturbation_terms_give_cfg_exactly(base, pipe, term):
+    assert torch.equal(pipe(**kw(guidance=[emag.CFG(5.0), term])).images, base(**kw()).images)
+
+
+@pytest.mark.parametrize("term", [emag.PAG(3.0, layers=[2]), emag.SLG(2.0, layers=[2], window=(0, 1)),
+                                  emag.STG(2.0, layers=[1], mode="attention"), emag.STG(2.0, layers=[3])])
+def test_perturbation_really_changes_the_prediction(base, pipe, term):
+    assert not torch.equal(pipe(**kw(guidance=[emag.CFG(5.0), term])).images, base(**kw()).images)
+
+
+def test_pag_equals_diffusers_sd3_pag_pipeline(base):
+    """diffusers' SD3 PAG pipeline masks image->image to the identity with text keys visible."""
+    ref_pipe = StableDiffusion3PAGPipeline.from_pipe(base, pag_applied_layers=["blocks.2"])
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(**kw(pag_scale=3.0)).images
+    p = emag.StableDiffusion3EMAGPipeline.from_pipe(base)
+    p.set_progress_bar_config(disable=True)
+    # diffusers batches [uncond, cond, perturbed] in one pass: batching="all" is the same layout
+    out = p(**kw(guidance=[emag.CFG(5.0), emag.PAG(3.0, layers=[2])], batching="all")).images
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_pag_layer_1_never_matches_10():
+    """The diffusers regex "blocks.1" also hits blocks 10-19 (#13594); integer layers cannot."""
+    big = tiny_sd3_pipeline(num_layers=12)
+    p = emag.StableDiffusion3EMAGPipeline.from_pipe(big)
+    p.set_progress_bar_config(disable=True)
+    p(**kw(num_inference_steps=2, guidance=[emag.CFG(5.0), emag.PAG(3.0, layers="1")]))
+    pag = [r for r in p.guidance_runtimes if r.name == "pag"][0]
+    assert pag.layers == (1,)
+    calls = []
+    for i, blk in enumerate(big.transformer.transformer_blocks):
+        blk.attn.register_forward_pre_hook(lambda m, a, i=i: calls.append(i))
+    try:
+        p(**kw(num_inference_steps=1, guidance=[emag.PAG(3.0, layers=[1])], guidance_scale=1.0))
+    finally:
+        for blk in big.transformer.transformer_blocks:
+            blk.attn._forward_pre_hooks.clear()
+    assert sorted(calls) == sorted(list(range(12)) * 2)  # cond pass + PAG pass, every block once each
+
+
+def test_slg_equals_diffusers_builtin_skip_layer_guidance(base, pipe):
+    """Same steps: diffusers' strict (0.05, 0.45) at N=10 is our half-open Window(0.1, 0.5) = steps 1-4."""
+    ref = base(**kw(num_inference_steps=10, skip_guidance_layers=[2, 3], skip_layer_guidance_scale=2.8,
+                    skip_layer_guidance_start=0.05, skip_layer_guidance_stop=0.45)).images
+    out = pipe(**kw(num_inference_steps=10, guidance=[emag.CFG(5.0), emag.SLG(2.8, layers=[2, 3], window=(0.1, 0.5))])).images
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+
+
+def test_branches_only_when_needed_and_batching_policies(pipe):
+    g = [emag.CFG(5.0, window=(0.5, 1.0)), emag.PAG(3.0, layers=[2], window=(0.0, 0.5))]
+    seen = []
+    pipe(**kw(guidance=g, callback_on_step_end=lambda p, i, t, k: seen.append(
+        [list(x) for x in p.guidance_engine.last_passes]) or {}))
+    assert seen[0] == [["cond"], ["pag:2"]]  # no unconditional pass outside the CFG window
+    assert seen[-1] == [["uncond", "cond"]]  # no PAG pass outside its window
+    outs = {b: pipe(**kw(guidance=[emag.CFG(5.0), emag.PAG(3.0, layers=[2]), emag.SLG(1.0, layers=[3], window=(0, 1))],
+                          batching=b, num_inference_steps=2)).images for b in ("normal", "all", "none")}
+    for b in ("all", "none"):
+        # batch composition changes fused-kernel rounding only
+        torch.testing.assert_close(outs[b], outs["normal"], rtol=1e-5, atol=1e-5 * outs["normal"].abs().max().item())
+
+
+def test_guidance_interval_skips_uncond_by_sigma(pipe):
+    seen = []
+    pipe(**kw(num_inference_steps=10, guidance=[emag.CFG(5.0, interval=(0.28, 5.42))],
+              callback_on_step_end=lambda p, i, t, k: seen.append(p.guidance_engine.last_passes[0]) or {}))
+    sig = pipe.scheduler.sigmas[:10].tolist()
+    expected = [0.28 < s / (1 - s) <= 5.42 if s < 1 else False for s in sig]
+    assert [("uncond" in x) for x in seen] == expected and any(expected) and not all(expected)
+
+
+def test_cfg_rescale_matches_formula(base, pipe):
+    """One step from identical noise: rescale by hand from the plain CFG branches."""
+    out = pipe(**kw(num_inference_steps=1, guidance=[emag.CFG(5.0, rescale=0.7)])).images
+    plain = base(**kw(num_inference_steps=1)).images
+    assert not torch.equal(out, plain)
+    x = sd3_latents(2)
+    # v = (x_prev - x) / (sigma_next - sigma) for Euler
+    s = pipe.scheduler.sigmas
+    v_plain = (plain - x) / (s[1] - s[0])
+    v_out = (out - x) / (s[1] - s[0])
+    uc = base.transformer(hidden_states=torch.cat([x, x]), timestep=(s[0] * 1000).expand(4),
+                          encoder_hidden_states=torch.cat([sd3_embeds(2)["negative_prompt_embeds"], sd3_embeds(2)["prompt_embeds"]]),
+                          pooled_projections=torch.cat([sd3_embeds(2)["negative_pooled_prompt_embeds"],
+                                                        sd3_embeds(2)["pooled_prompt_embeds"]]), return_dict=False)[0]
+    c = uc.chunk(2)[1]
+    std_c = c.std(dim=[1, 2, 3], keepdim=True)
+    std_g = v_plain.std(dim=[1, 2, 3], keepdim=True)
+    expected = 0.7 * v_plain * std_c / std_g + 0.3 * v_plain
+    torch.testing.assert_close(v_out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_cfg_zero_star_zero_init_and_scale(pipe):
+    out1 = pipe(**kw(num_inference_steps=3, guidance=[emag.CFGZeroStar(4.0, zero_init_steps=1)],
+                     callback_on_step_end=lambda p, i, t, k: {"latents": k["latents"]} if i else
+                     (torch.testing.assert_close(k["latents"], sd3_latents(2)) or {}))).images
+    assert out1.shape == sd3_latents(2).shape
+
+
+def test_dit_composition_pag_and_neutral(tmp_path):
+    base = tiny_dit_pipeline(num_layers=6)
+    p = emag.DiTEMAGPipeline.from_pipe(base)
+    p.set_progress_bar_config(disable=True)
+    k = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=5, guidance_scale=3.0, output_type="latent")
+    cfg = p(**k).images
+    assert torch.equal(p(**k, guidance=[emag.CFG(3.0), emag.PAG(0.0)], noise_layout="doubled").images, cfg)
+    assert not torch.equal(p(**k, guidance=[emag.CFG(3.0), emag.PAG(2.0, layers=[3])]).images, cfg)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(guidance=[emag.PAG(3.0, layers=[6])]), "out of range"),
+    (dict(guidance=emag.CFG(3.0)), "list"),
+])
+def test_bad_guidance_lists(pipe, bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        pipe(**kw(**bad))
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: emag.PAG(-1.0), "scale"), (lambda: emag.PAG(float("nan")), "finite"),
+    (lambda: emag.CFG(3.0, rescale=2.0), "rescale"), (lambda: emag.CFG(3.0, interval=(2.0, 1.0)), "lo < hi"),
+    (lambda: emag.CFG(3.0, interval=(0.1, 1.0), window=(0, 1)), "not both"),
+    (lambda: emag.STG(1.0, mode="x"), "mode"), (lambda: emag.SLG(1.0, layers="a"), "parse"),
+    (lambda: emag.CFGZeroStar(2.0, zero_init_steps=-1), "zero_init"),
+])
+def test_bad_term_configs(make, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        make()
