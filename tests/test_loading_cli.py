@@ -118,8 +118,41 @@ def test_cli_generate_dit_by_class_name_is_reproducible(dit_dir, tmp_path):
     a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
     assert len(a) == 2 and a[0].read_bytes() == b[0].read_bytes()
     assert read_png_params(a[0])["condition"] == 3
-    r3 = CliRunner().invoke(cli, args[:-4] + ["--method", "cfg", "--out", str(tmp_path / "c")])
+    plain = ["generate", "--model", str(dit_dir), "--class-label", "3", "--steps", "6", "--sampler", "default"]
+    r3 = CliRunner().invoke(cli, plain + ["--method", "cfg", "--out", str(tmp_path / "c")])
     assert r3.exit_code == 0 and read_png_params(sorted((tmp_path / "c").glob("*.png"))[0])["emag"] is None
+
+
+def test_cli_composes_methods_with_params(dit_dir, tmp_path):
+    r = CliRunner().invoke(cli, ["generate", "--model", str(dit_dir), "--class-label", "3", "--steps", "4",
+                                 "--sampler", "default", "--method", "cfg,pag", "--param", "pag.scale=2.5",
+                                 "--param", "pag.layers=1-2", "--cfg", "3", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    meta = read_png_params(sorted(tmp_path.glob("*.png"))[0])
+    assert meta["method"] == "cfg,pag" and meta["emag"] is None
+    assert meta["guidance"] == [
+        {"method": "CFG", "scale": 3.0, "window": None, "interval": None, "rescale": 0.0, "guided_channels": None},
+        {"method": "PAG", "scale": 2.5, "layers": [1, 2], "window": None}]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--method", "cfg,nope"], "Unknown guidance method"),
+    (["--method", "cfg,pag", "--param", "pag.size=3"], "no parameter 'size'"),
+    (["--method", "cfg", "--param", "pag.scale=3"], "--param given for"),
+    (["--method", "cfg", "--param", "pagscale=3"], "METHOD.FIELD=VALUE"),
+    (["--method", "cfg,pag", "--param", "pag.layers=9"], "out of range"),
+    (["--method", "cfg", "--layers", "1"], "does not include emag"),
+])
+def test_cli_method_errors(dit_dir, extra, message):
+    r = CliRunner().invoke(cli, ["generate", "--model", str(dit_dir), "--class-label", "3"] + extra)
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_cli_methods_lists_every_method():
+    r = CliRunner().invoke(cli, ["methods"])
+    assert r.exit_code == 0
+    for name in ("cfg", "emag", "pag", "slg", "stg", "cfg-zero-star"):
+        assert f"\n{name} (" in "\n" + r.output
 
 
 @pytest.mark.parametrize("args, message", [

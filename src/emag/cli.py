@@ -53,7 +53,10 @@ def _window(value: str | None):
 @click.option("--negative-prompt", metavar="TEXT", default=None, help="Negative prompt (SD3).")
 @click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME", help="Class (DiT); repeat for several.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings preset (default: the paper's for the model family).")
-@click.option("--method", type=click.Choice(["emag", "cfg"]), default="emag", show_default=True, help="Guidance method.")
+@click.option("--method", default="emag", show_default=True, metavar="NAME[,NAME...]",
+              help="Guidance method(s) to combine, e.g. 'emag', 'cfg', 'cfg,pag', 'apg,emag' (see `emag methods`).")
+@click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
+              help="A method's parameter, e.g. pag.scale=3 pag.layers=13 seg.blur_sigma=inf (repeatable).")
 @click.option("--scale", type=click.FloatRange(min=0), default=None, help="EMAG scale w_e.")
 @click.option("--layers", metavar="SPEC", default=None, help="Candidate blocks, e.g. '6,7,8' or '12-15'.")
 @click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay in [0, 1).")
@@ -78,7 +81,7 @@ def _window(value: str | None):
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--download/--no-download", default=False, show_default=True, help="Allow downloading from the hub.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
-def generate(model, prompts, negative_prompt, class_labels, preset, method, scale, layers, beta, blend, variant, rows,
+def generate(model, prompts, negative_prompt, class_labels, preset, method, params, scale, layers, beta, blend, variant, rows,
              selection, per_sample, combination, ema_dtype, guided_channels, ema_window, apply_window,
              guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download, out_dir):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
@@ -92,10 +95,18 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, scal
         per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, guided_channels=guided_channels,
         ema_window=_window(ema_window), apply_window=_window(apply_window),
     ).items() if v is not None}
+    method_params: dict[str, dict[str, str]] = {}
+    for item in params:
+        key, sep, value = item.partition("=")
+        name, dot, field = key.partition(".")
+        if not sep or not dot or not name or not field:
+            raise click.BadParameter(f"expected METHOD.FIELD=VALUE, got {item!r}", param_hint="--param")
+        method_params.setdefault(name.strip(), {})[field.strip()] = value.strip()
     try:
         plan = plan_generation(
             model, prompts=list(prompts), negative_prompt=negative_prompt, class_labels=list(class_labels),
-            preset=preset, method=method, emag_overrides=overrides, guidance_scale=guidance_scale,
+            preset=preset, method=method, emag_overrides=overrides, method_params=method_params,
+            guidance_scale=guidance_scale,
             num_inference_steps=steps, height=height, width=width, seed=seed, num_images=num_images,
             sampler=sampler, dtype=dtype, device=device, allow_download=download,
         )
@@ -108,6 +119,47 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, scal
     for index, image, params in run(plan):
         path = save_png(image, out / f"{index:05d}_seed{params['seed']}.png", params)
         click.echo(str(path))
+
+
+@cli.command("methods")
+@click.option("--family", type=click.Choice(["sd3", "dit"]), default=None, help="Only show defaults for this family.")
+def methods_cmd(family) -> None:
+    """List the guidance methods, their parameters, defaults and papers."""
+    import dataclasses
+
+    from .guidance.registry import METHODS, available, parameters
+
+    for info in METHODS.values():
+        if not available(info):
+            click.echo(f"{info.name}: (not installed in this version)")
+            continue
+        click.echo(f"{info.name} ({info.cls}) - {info.paper}")
+        click.echo(f"    extra passes per step: {info.passes}; acts on: {info.acts_on}; kind: {info.kind}")
+        fields = []
+        for f in parameters(info):
+            default = f.default if f.default is not dataclasses.MISSING else "(required)"
+            fields.append(f"{f.name}={default!r}" if not isinstance(default, str) or default != "(required)"
+                          else f"{f.name} (required)")
+        click.echo("    parameters: " + ", ".join(fields))
+        layers = _layer_defaults(info)
+        if layers:
+            shown = {k: v for k, v in layers.items() if family in (None, k)}
+            click.echo("    default layers: " + "; ".join(f"{k}: {v}" for k, v in shown.items()))
+
+
+def _layer_defaults(info) -> dict[str, str]:
+    import importlib
+
+    mod = importlib.import_module(info.config_class().__module__)
+    d = getattr(mod, "DEFAULT_LAYERS", None)
+    if info.name == "emag":
+        return {"sd3": "6,7,8", "dit": "12,13,14,15"}
+    if not d:
+        return {}
+    out = {}
+    for fam, v in d.items():
+        out[fam] = "middle of the block list" if callable(v) else ",".join(map(str, v))
+    return out
 
 
 @cli.command("presets")

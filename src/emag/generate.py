@@ -21,7 +21,7 @@ from .config import EMAG, resolve
 from .loading import locate_model, model_family, read_component_config, read_model_index
 from .presets import PRESETS, Preset, get_preset
 
-METHODS = ("emag", "cfg")
+BASE_KINDS = ("cfg", "cfg-zero-star", "apg")
 SAMPLERS = ("default", "ddpm-250")
 DEFAULT_PRESET = {"sd3": "sd3-medium", "dit": "dit-xl-2"}
 
@@ -34,6 +34,8 @@ class GenerationPlan:
     preset: Preset
     method: str
     emag: EMAG | None
+    terms: list[Any] = field(default_factory=list)
+    term_params: list[dict[str, Any]] = field(default_factory=list)
     prompts: list[str] = field(default_factory=list)
     negative_prompt: str | None = None
     class_labels: list[int] = field(default_factory=list)
@@ -55,6 +57,9 @@ class GenerationPlan:
 
 
 def _vae_scale_factor(folder: Path) -> int:
+    vae = read_model_index(folder).get("vae")
+    if not vae or vae[0] is None:
+        return 1  # pixel-space model
     return 2 ** (len(read_component_config(folder, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
@@ -88,6 +93,7 @@ def plan_generation(
     preset: str | None = None,
     method: str = "emag",
     emag_overrides: dict[str, Any] | None = None,
+    method_params: dict[str, dict[str, str]] | None = None,
     guidance_scale: float | None = None,
     num_inference_steps: int | None = None,
     height: int | None = None,
@@ -100,28 +106,35 @@ def plan_generation(
     allow_download: bool = False,
 ) -> GenerationPlan:
     """Check a generation request against the model's configs; no weights are loaded."""
-    if method not in METHODS:
-        raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
+    from .guidance.registry import get_method
+
+    names = [get_method(m).name for m in method.split(",") if m.strip()]
+    if not names:
+        raise ValueError("Give at least one guidance method, e.g. --method emag or --method cfg,pag.")
+    if len(set(names)) != len(names):
+        raise ValueError(f"A method is listed twice in {method!r}.")
+    method_params = {get_method(k).name: v for k, v in (method_params or {}).items()}
+    unused = set(method_params) - set(names)
+    if unused:
+        raise ValueError(f"--param given for {sorted(unused)} but --method is {','.join(names)}.")
     folder = locate_model(model, allow_download)
     family = model_family(folder)
     p = get_preset(preset or DEFAULT_PRESET[family])
     if p.family != family:
         raise ValueError(f"Preset {p.name!r} is for {p.family.upper()} models but {model} is a {family.upper()} model.")
     tcfg = read_component_config(folder, "transformer")
-    emag = replace(p.emag, **(emag_overrides or {})) if method == "emag" else None
-    resolved = None
-    if emag is not None:
-        cls_name = tcfg.get("_class_name", "transformer")
-        n_blocks = int(tcfg.get("num_layers", 0))
-        resolved = resolve(emag, family, n_blocks, cls_name).to_dict()
+    cls_name = tcfg.get("_class_name", "transformer")
+    n_blocks = int(tcfg.get("num_layers", 0))
+    w = p.guidance_scale if guidance_scale is None else guidance_scale
+    terms, emag, resolved = _build_terms(names, method_params, p, emag_overrides or {}, w, family, n_blocks, cls_name)
     if num_images < 1:
         raise ValueError("num_images must be >= 1.")
     vsf = _vae_scale_factor(folder)
     patch = int(tcfg.get("patch_size", 2))
     sample = int(tcfg.get("sample_size", 64))
     plan = GenerationPlan(
-        folder=folder, model=str(model), family=family, preset=p, method=method, emag=emag,
-        guidance_scale=p.guidance_scale if guidance_scale is None else guidance_scale,
+        folder=folder, model=str(model), family=family, preset=p, method=",".join(names), emag=emag,
+        terms=terms, term_params=[_describe(t) for t in terms], guidance_scale=w,
         num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
         seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
         resolved_emag=resolved,
@@ -166,6 +179,51 @@ def plan_generation(
     return plan
 
 
+def _build_terms(names, method_params, preset, emag_overrides, cfg_scale, family, n_blocks, cls_name):
+    """Guidance terms from method names: ``emag`` takes the preset and the EMAG options; ``cfg`` takes
+    ``--cfg``; EMAG without a CFG-like term gets the preset's CFG (the paper's pairing) unless its
+    combination is ``emag_only``."""
+    from .guidance.registry import build_term
+    from .layers import check_layers_in_range
+
+    terms, emag, resolved = [], None, None
+    for name in names:
+        params = method_params.get(name, {})
+        if name == "emag":
+            emag = build_term("emag", params, replace(preset.emag, **emag_overrides))
+            resolved = resolve(emag, family, n_blocks, cls_name).to_dict()
+            term = emag
+        elif name == "cfg":
+            term = build_term("cfg", {"scale": str(cfg_scale), **params})
+        elif name == "autoguidance":
+            raise ValueError("Autoguidance needs a weak model; use the Python API (emag.Autoguidance(model=...)).")
+        else:
+            term = build_term(name, params)
+        layers = getattr(term, "layers", None)
+        if layers is not None and name != "emag":
+            check_layers_in_range(layers, n_blocks, cls_name)
+        terms.append(term)
+    if emag is not None and emag.combination != "emag_only" and not any(n in BASE_KINDS for n in names):
+        from .guidance.cfg import CFG
+
+        terms.insert(0, CFG(cfg_scale))
+    if emag_overrides and emag is None:
+        raise ValueError("EMAG options (--scale, --layers, ...) were given but --method does not include emag.")
+    return terms, emag, resolved
+
+
+def _describe(term) -> dict[str, Any]:
+    import dataclasses
+
+    out = {"method": type(term).__name__}
+    for f in dataclasses.fields(term):
+        if f.name.startswith("_") or f.name == "preset_name":
+            continue
+        v = getattr(term, f.name)
+        out[f.name] = v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else str(v)
+    return out
+
+
 def _versions() -> dict[str, str]:
     import diffusers
 
@@ -189,7 +247,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
         seed = plan.seed + index
         generator = torch.Generator(device="cpu").manual_seed(seed)
         common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                      generator=generator, emag=plan.emag)
+                      generator=generator, guidance=plan.terms)
         if plan.family == "sd3":
             out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
                        width=plan.width, **common)
@@ -200,7 +258,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
             "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": seed,
             "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
             "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
-            "emag": plan.resolved_emag, "versions": _versions(),
+            "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
         }
         yield index, out.images[0], params
 
