@@ -10,7 +10,7 @@ The pipelines (which import diffusers' pipeline modules) are loaded on first use
 from .config import EMAG, ResolvedEMAG
 from .layers import parse_layers
 from .presets import PRESETS, Preset, get_preset
-from .guidance import CFG, PAG, SLG, STG, CFGZeroStar
+from .guidance import APG, CADS, CFG, PAG, SLG, STG, CFGZeroStar
 from .windows import RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, Window
 
 __version__ = "0.1.0"
@@ -33,6 +33,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "APG",
+    "CADS",
     "CFG",
     "CFGZeroStar",
     "PAG",

@@ -8,8 +8,10 @@ One :class:`GuidanceEngine` serves one pipeline call. Per step it
    ``"normal"`` (default) runs ``cond``/``uncond`` together exactly as the base pipeline does and the
    extra branches of a stage together in a second pass (the EMAG reference's layout); ``"all"``
    puts every branch of a stage in one pass; ``"none"`` runs every branch alone;
-3. combines in the native output space, or in x0 space when an active term asks for it, in the order
-   refine -> uncond replacement -> base -> additive -> post-processing (see :mod:`emag.guidance.base`);
+3. combines in the native output space, or in x0 space when an active term asks for it (or always,
+   with ``combine_space="x0"``), in the order refine -> uncond replacement -> base -> additive ->
+   post-processing (see :mod:`emag.guidance.base`); the base term may reshape the refine and additive
+   terms (APG ``target="pert"``) through its ``apply_refine`` / ``apply_delta`` hooks;
 4. returns the prediction for the B samples with every output channel: guided channels from the
    combination, the rest (e.g. DiT's learned variance) from the conditional branch.
 """
@@ -29,6 +31,7 @@ from .plumbing.edits import EditScope, ForwardPlan, RowGroup
 from .windows import StepContext
 
 BATCHING = ("normal", "all", "none")
+COMBINE_SPACES = ("auto", "x0")
 
 
 class Predictions(Mapping):
@@ -63,11 +66,15 @@ class GuidanceEngine:
     guided_channels: int
     batching: str = "normal"
     uses_uncond: bool = True
+    combine_space: str = "auto"  # "auto": x0 iff an active term asks for it; "x0": always
     last_passes: list[list[str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
             raise ValueError(f"Unknown batching policy {self.batching!r}; expected one of {BATCHING}.")
+        if self.combine_space not in COMBINE_SPACES:
+            raise ValueError(f"Unknown combine_space {self.combine_space!r}; expected one of {COMBINE_SPACES} "
+                             "(a term that needs x0 space always gets it).")
         bases = [r for r in self.runtimes if r.kind == "base"]
         if len(bases) > 1:
             raise ValueError(f"At most one CFG-like base term per call, got {[r.name for r in bases]}.")
@@ -80,7 +87,7 @@ class GuidanceEngine:
     # -- evaluation --------------------------------------------------------------------------------
     def predict(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         active = [r for r in self.runtimes if r.active(ctx)]
-        need_uncond = any(r.kind == "base" or r.needs_uncond(ctx) for r in active)
+        need_uncond = any((r.kind == "base" and r.base_needs_uncond(ctx)) or r.needs_uncond(ctx) for r in active)
         if need_uncond and not self.uses_uncond:
             raise ValueError("A guidance term needs the unconditional branch but the call has no negative condition.")
         conditions = dict(self.conditions)
@@ -166,9 +173,9 @@ class GuidanceEngine:
     # -- combination -------------------------------------------------------------------------------
     def _combine(self, x, ctx, active, outputs, inputs) -> Tensor:
         ch = self.channels
-        space = "x0" if any(r.space == "x0" for r in active) else "native"
+        space = "x0" if self.combine_space == "x0" or any(r.space == "x0" for r in active) else "native"
         if space == "x0" and ctx.param is None:
-            raise ValueError("An x0-space guidance term needs the step's parametrisation (scheduler not supported).")
+            raise ValueError("Combining in x0 space needs the step's parametrisation (scheduler not supported).")
         preds = {}
         for name, out in outputs.items():
             eps = out[:, :ch]
@@ -176,18 +183,18 @@ class GuidanceEngine:
         p = Predictions(preds, inputs, x, space, ctx.param, ch)
         c = p["cond"]
         u = p.get("uncond")
+        base = next((r for r in active if r.kind == "base"), None)
         refined = c
         for r in active:
             if r.kind == "refine":
-                refined = r.refine(refined, p, ctx)
+                refined = base.apply_refine(r, refined, p, ctx) if base is not None else r.refine(refined, p, ctx)
         for r in active:
             if r.kind == "uncond":
                 u = r.replace_uncond(p, ctx)
-        base = next((r for r in active if r.kind == "base"), None)
         guided = base.combine(refined, u, p, ctx) if base is not None else refined
         for r in active:
             if r.kind == "additive":
-                guided = guided + r.delta(c, p, ctx)
+                guided = guided + (base.apply_delta(r, c, p, ctx) if base is not None else r.delta(c, p, ctx))
         if base is not None:
             guided = base.post(guided, c, ctx)
         if space == "x0":
@@ -197,4 +204,4 @@ class GuidanceEngine:
         return merge_guided_channels(guided, outputs["cond"], self.guided_channels)
 
 
-__all__ = ["BATCHING", "GuidanceEngine", "Predictions"]
+__all__ = ["BATCHING", "COMBINE_SPACES", "GuidanceEngine", "Predictions"]

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .apg import APG
 from .base import Branch, GuidanceConfig, Setup, TermRuntime
+from .cads import CADS
 from .cfg import CFG, CFGZeroStar
 from .pag import PAG
 from .slg import SLG, STG
@@ -22,4 +24,4 @@ def needs_negative(term: Any) -> bool:
     return False
 
 
-__all__ = ["Branch", "CFG", "CFGZeroStar", "PAG", "SLG", "STG", "GuidanceConfig", "Setup", "TermRuntime", "needs_negative"]
+__all__ = ["APG", "CADS", "Branch", "CFG", "CFGZeroStar", "PAG", "SLG", "STG", "GuidanceConfig", "Setup", "TermRuntime", "needs_negative"]

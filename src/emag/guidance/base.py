@@ -147,6 +147,33 @@ class TermRuntime:
     def post(self, guided: Tensor, c: Tensor, ctx: StepContext) -> Tensor:
         return guided
 
+    # -- hooks for a base term that reshapes the other terms (APG ``target="pert"``) ----------------
+    def base_needs_uncond(self, ctx: StepContext) -> bool:
+        """Base terms only: whether ``combine`` needs the unconditional prediction at this step.
+
+        Default ``True``. APG with ``scale=1`` and ``target="pert"`` only reshapes the perturbation
+        terms, so it stays active without an unconditional pass.
+        """
+        return True
+
+    def apply_refine(self, term: "TermRuntime", c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        """Base terms only: run the ``refine`` term ``term`` on ``c``. Default: ``term.refine(c, p, ctx)``."""
+        return term.refine(c, p, ctx)
+
+    def apply_delta(self, term: "TermRuntime", c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
+        """Base terms only: the additive delta of ``term``. Default: ``term.delta(c, p, ctx)``."""
+        return term.delta(c, p, ctx)
+
+    def refine_parts(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> tuple[float, Tensor] | None:
+        """Refine terms: ``(scale, diff)`` with ``refine(c) == c + scale * diff``, or ``None`` when the
+        refinement has no such form (then APG ``target="pert"`` cannot reshape it)."""
+        return None
+
+    def delta_parts(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> tuple[float, Tensor] | None:
+        """Additive terms: ``(scale, diff)`` with ``delta(c) == scale * diff``, or ``None`` when the delta
+        has no such form. The canonical perturbation term ``s (c - p)`` is recognised without it."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"method": self.name, **{k: v for k, v in vars(self.config).items() if not k.startswith("_")}}
 

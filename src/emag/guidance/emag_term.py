@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ..config import EMAG, ResolvedEMAG, resolve
@@ -157,6 +158,16 @@ class EMAGRuntime(TermRuntime):
         """Additive reference mode: ``w_e (c - u_e)``, with ``u_e = u`` outside the replacement window."""
         u_e = p.get("emag:uncond", p["uncond"])
         return self.cfg.scale * (c - u_e)
+
+    # -- (scale, diff) forms, for APG target="pert" ----------------------------------------------------
+    def refine_parts(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> tuple[float, Tensor]:
+        """``refine(c) = c + (w_e - 1)(c - c_e)``; the difference is zero outside the replacement window."""
+        c_e = p.get("emag:cond")
+        return self.cfg.scale - 1.0, (torch.zeros_like(c) if c_e is None else c - c_e)
+
+    def delta_parts(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> tuple[float, Tensor]:
+        """``delta(c) = w_e (c - u_e)`` (additive reference mode)."""
+        return self.cfg.scale, c - p.get("emag:uncond", p["uncond"])
 
     def describe(self) -> dict:
         return {"method": "emag", **self.cfg.to_dict()}

@@ -58,8 +58,10 @@ def make_runtimes(terms: Sequence[Any], setup: Setup) -> list[TermRuntime]:
 
 
 def make_engine(runtimes: list[TermRuntime], backbone_of, conditions: dict, transformer, arch: Architecture,
-                channels: int, guided_channels: int, batching: str, has_uncond: bool) -> GuidanceEngine:
-    """``backbone_of(transformer)`` wraps a network in the pipeline's backbone adapter."""
+                channels: int, guided_channels: int, batching: str, has_uncond: bool,
+                combine_space: str = "auto") -> GuidanceEngine:
+    """``backbone_of(transformer)`` wraps a network in the pipeline's backbone adapter. ``combine_space``:
+    ``"auto"`` combines in x0 space only when an active term asks for it, ``"x0"`` always does."""
     backbones = {"main": backbone_of(transformer)}
     for r in runtimes:
         for name, model in r.extra_models().items():
@@ -69,7 +71,8 @@ def make_engine(runtimes: list[TermRuntime], backbone_of, conditions: dict, tran
     att = set().union(*[r.attention_layers() for r in runtimes]) if runtimes else set()
     blk = set().union(*[r.block_layers() for r in runtimes]) if runtimes else set()
     scope = EditScope(transformer, arch, att, blk)
-    return GuidanceEngine(runtimes, backbones, conditions, scope, channels, guided_channels, batching, has_uncond)
+    return GuidanceEngine(runtimes, backbones, conditions, scope, channels, guided_channels, batching, has_uncond,
+                          combine_space=combine_space)
 
 
 def emag_trace_of(runtimes: list[TermRuntime]) -> list | None:

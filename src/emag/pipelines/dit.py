@@ -43,6 +43,8 @@ class DiTEMAGPipeline(DiTPipeline):
     ``callback_on_step_end``, ``emag`` and ``noise_layout``. With ``emag=None`` it reproduces
     ``DiTPipeline`` exactly (plain CFG on all noise channels, doubled row layout). ``output_type``
     also accepts ``"latent"``. After a call, ``self.emag_trace`` lists what EMAG did at each step.
+    ``combine_space="x0"`` combines every guidance term in x0 space (default ``"auto"``: only when an
+    active term, e.g. APG, asks for it); affine combinations (CFG, PAG, EMAG, ...) give the same result.
     """
 
     _callback_tensor_inputs = ["latents"]
@@ -93,6 +95,7 @@ class DiTEMAGPipeline(DiTPipeline):
         noise_layout: str | None = None,
         guidance: list | None = None,
         batching: str = "normal",
+        combine_space: str = "auto",
     ) -> ImagePipelineOutput | tuple:
         self.emag_trace = None
         arch = architecture_of(self.transformer)
@@ -140,7 +143,7 @@ class DiTEMAGPipeline(DiTPipeline):
         if has_uncond:
             conditions["uncond"] = ClassCondition(torch.full_like(labels, self.null_class))
         engine = make_engine(runtimes, lambda m: DiTBackbone(m, self.scheduler), conditions,
-                             self.transformer, arch, channels, guided, batching, has_uncond)
+                             self.transformer, arch, channels, guided, batching, has_uncond, combine_space)
         alphas = self.scheduler.alphas_cumprod
         num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
 

@@ -35,6 +35,8 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
     ``emag=None`` the call is exactly the base pipeline's. Load with ``from_pretrained`` (hub id or
     local folder) or wrap an existing pipeline with ``from_pipe``. After a call, ``self.emag_trace``
     lists what EMAG did at each step.
+    ``combine_space="x0"`` combines every guidance term in x0 space (default ``"auto"``: only when an
+    active term, e.g. APG, asks for it); affine combinations (CFG, PAG, EMAG, ...) give the same result.
     """
 
     emag_trace: list | None = None
@@ -77,9 +79,10 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         emag: EMAG | None = None,
         guidance: list | None = None,
         batching: str = "normal",
+        combine_space: str = "auto",
     ) -> StableDiffusion3PipelineOutput | tuple:
         base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "__class__"):
+        for key in ("self", "emag", "guidance", "batching", "combine_space", "__class__"):
             base_args.pop(key, None)
         self.emag_trace = None
         if emag is None and guidance is None:
@@ -164,7 +167,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         channels = self.transformer.config.out_channels
         engine = make_engine(runtimes, lambda m: SD3Backbone(m, self.joint_attention_kwargs),
                              conditions, self.transformer, arch, channels, guided_channels_of(terms, channels),
-                             batching, has_uncond)
+                             batching, has_uncond, combine_space)
 
         self.guidance_engine = engine
         with engine.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
