@@ -15,3 +15,6 @@ def _no_grad_and_seed():
     torch.manual_seed(0)
     with torch.no_grad():
         yield
+
+# Tiny models: one thread is far faster than two contending ones (and CI has two cores).
+torch.set_num_threads(1)

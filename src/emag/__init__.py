@@ -10,7 +10,7 @@ The pipelines (which import diffusers' pipeline modules) are loaded on first use
 from .config import EMAG, ResolvedEMAG
 from .layers import parse_layers
 from .presets import PRESETS, Preset, get_preset
-from .guidance import APG, CADS, CFG, PAG, SLG, STG, CFGZeroStar
+from .guidance import APG, CADS, CFG, ERG, PAG, S2, SAG, SEG, SLG, STG, TPG, Autoguidance, CFGZeroStar
 from .windows import RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, Window
 
 __version__ = "0.1.0"
@@ -34,22 +34,28 @@ def __getattr__(name: str):
 
 __all__ = [
     "APG",
+    "Autoguidance",
     "CADS",
     "CFG",
     "CFGZeroStar",
-    "PAG",
-    "SLG",
-    "STG",
-    "SigmaInterval",
-    "EMAG",
-    "PRESETS",
     "DiTEMAGPipeline",
+    "EMAG",
+    "ERG",
+    "PAG",
+    "PRESETS",
     "Preset",
     "RemainingStepsWindow",
     "ResolvedEMAG",
+    "S2",
+    "SAG",
     "SD3ReferenceWindow",
+    "SEG",
+    "SLG",
+    "STG",
+    "SigmaInterval",
     "StableDiffusion3EMAGPipeline",
     "StepContext",
+    "TPG",
     "Window",
     "dit_reference_scheduler",
     "get_preset",

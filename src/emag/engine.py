@@ -87,7 +87,9 @@ class GuidanceEngine:
     # -- evaluation --------------------------------------------------------------------------------
     def predict(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         active = [r for r in self.runtimes if r.active(ctx)]
-        need_uncond = any((r.kind == "base" and r.base_needs_uncond(ctx)) or r.needs_uncond(ctx) for r in active)
+        replaced = any(r.kind == "uncond" for r in active)  # ERG / autoguidance supply their own "uncond"
+        need_uncond = any(r.needs_uncond(ctx) for r in active) or (
+            not replaced and any(r.kind == "base" and r.base_needs_uncond(ctx) for r in active))
         if need_uncond and not self.uses_uncond:
             raise ValueError("A guidance term needs the unconditional branch but the call has no negative condition.")
         conditions = dict(self.conditions)
@@ -136,7 +138,7 @@ class GuidanceEngine:
         model = branches[0].model
         xs, conds, groups, start = [], [], [], 0
         for b in branches:
-            xin = b.make_input(outputs) if b.make_input is not None else x
+            xin = b.make_input(outputs, x) if b.make_input is not None else x
             n = xin.shape[0]
             if b.name in ("cond", "uncond"):
                 att: dict[int, list] = {}

@@ -5,11 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from .apg import APG
+from .autoguidance import Autoguidance
 from .base import Branch, GuidanceConfig, Setup, TermRuntime
 from .cads import CADS
 from .cfg import CFG, CFGZeroStar
+from .erg import ERG
 from .pag import PAG
+from .s2 import S2
+from .sag import SAG
+from .seg import SEG
 from .slg import SLG, STG
+from .tpg import TPG
 
 
 def needs_negative(term: Any) -> bool:
@@ -24,4 +30,7 @@ def needs_negative(term: Any) -> bool:
     return False
 
 
-__all__ = ["APG", "CADS", "Branch", "CFG", "CFGZeroStar", "PAG", "SLG", "STG", "GuidanceConfig", "Setup", "TermRuntime", "needs_negative"]
+__all__ = [
+    "APG", "Autoguidance", "Branch", "CADS", "CFG", "CFGZeroStar", "ERG", "GuidanceConfig", "PAG", "S2", "SAG", "SEG",
+    "SLG", "STG", "Setup", "TPG", "TermRuntime", "needs_negative",
+]

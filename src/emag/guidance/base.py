@@ -55,7 +55,8 @@ class Branch:
     the outputs of earlier ones, e.g. SAG's degraded input); ``attention`` / ``blocks`` are the edits
     on this branch's rows, keyed by block index, or a callable returning them at evaluation time
     (EMAG chooses its block only then); ``model`` selects a separate network (autoguidance);
-    ``make_input(outputs)`` builds the branch's input from earlier outputs (default: ``x_t``).
+    ``make_input(outputs, x_t)`` builds the branch's input from earlier outputs and the step's input
+    (default: ``x_t`` itself).
     """
 
     name: str
@@ -64,7 +65,7 @@ class Branch:
     attention: dict[int, list[AttentionEdit]] | Callable[[], dict[int, list[AttentionEdit]]] = field(default_factory=dict)
     blocks: dict[int, list[BlockEdit]] | Callable[[], dict[int, list[BlockEdit]]] = field(default_factory=dict)
     model: str = "main"
-    make_input: Callable[[dict[str, Tensor]], Tensor] | None = None
+    make_input: Callable[[dict[str, Tensor], Tensor], Tensor] | None = None
 
     def resolved_edits(self) -> tuple[dict, dict]:
         att = self.attention() if callable(self.attention) else self.attention

@@ -1,0 +1,123 @@
+"""ERG, Entropy Rectifying Guidance (Ifriqi et al., NeurIPS 2025, arXiv 2504.13987; no official code).
+
+The weak prediction comes from the same network with a flattened (higher-entropy) attention energy:
+the queries of selected blocks are multiplied by ``tau < 1``, i.e. attention temperature ``1 / tau``.
+The ERG prediction REPLACES the unconditional one (guidance-methods.md 7):
+
+    D = D_ERG + w (D_c - D_ERG)
+
+so a call costs two passes, like CFG, and it works without any unconditional branch ("I-ERG" for
+unconditional models). The concrete codification followed here is ACE-Step's [src: ace-step
+``pipeline_ace_step.py``, via guidance-methods.md 7.2]: ``tau = 0.01`` on the queries of a band of middle
+blocks. [unverified] The paper's own per-model tau, block ranges and its additional "step-size"
+adjustment of the attention update were not checked against the paper and are not implemented; neither
+is C-ERG (the weakened text encoder).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..layers import LayerSpec, format_layers, parse_layers
+from ..plumbing.edits import AttentionEdit, AttentionInfo
+from ..windows import StepContext
+from .base import Branch, GuidanceConfig, Setup, TermRuntime, window_of
+from .perturbation import WeakGuidanceRuntime, check_weak_scale, resolve_layers
+
+# Five middle blocks around n/2 (SD3-Medium 10-14, DiT-XL/2 12-16). ACE-Step uses blocks 15-19 of its own
+# 24-block transformer; there is no published SD3 / DiT setting [unverified]: tune.
+DEFAULT_LAYERS = {"sd3": lambda n: tuple(range(n // 2 - 2, n // 2 + 3)),
+                  "dit": lambda n: tuple(range(n // 2 - 2, n // 2 + 3))}
+CONDITIONS = ("cond", "uncond")
+QUERIES = ("image", "all")
+
+
+class ScaleQueries(AttentionEdit):
+    """Multiply the queries the fused attention receives by ``tau`` (logits scaled by ``tau``).
+
+    Applied AFTER any QK-norm: SD3.5's RMS ``norm_q`` would undo a scaling of ``to_q``'s output.
+    ``which="image"`` scales only the image queries (on SD3 the ``to_q`` stream, the analogue of
+    ACE-Step's ``to_q``); ``"all"`` also scales the text queries of MMDiT joint attention.
+    """
+
+    def __init__(self, tau: float, which: str = "image") -> None:
+        self.tau, self.which = tau, which
+
+    def query(self, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows) -> Tensor:
+        n = info.num_image_tokens
+        if self.which == "all" or n == q.shape[2]:
+            return q * self.tau
+        return torch.cat([q[:, :, :n] * self.tau, q[:, :, n:]], dim=2)
+
+
+@dataclass(frozen=True)
+class ERG(GuidanceConfig):
+    """Entropy rectifying guidance: a temperature-weakened prediction replaces the unconditional one.
+
+    Args:
+        scale: ``None`` (default): ERG replaces the unconditional prediction of the call's CFG-like term,
+            whose scale applies: ``guidance=[emag.CFG(w), emag.ERG()]`` gives ``D_ERG + w (c - D_ERG)``,
+            and with APG the projection acts on ``c - D_ERG`` (how the paper combines with APG). The
+            plain unconditional pass is then still run by the engine but unused. ``w`` (a number): ERG
+            is a guidance rule of its own, ``D = D_ERG + w (c - D_ERG)``, with no unconditional pass
+            (works for unconditional models); ``w = 1`` is neutral. A CFG-like term given as well is then
+            applied on top of that result, as with EMAG's nested combination.
+        tau: query multiplier in (0, 1] (attention temperature ``1 / tau``). Default 0.01 (ACE-Step
+            [unverified against the paper]); ``tau -> 0`` makes attention uniform.
+        layers: blocks whose attention is weakened. Default: five middle blocks [unverified; tune].
+        window: step window, default every step.
+        condition: ``"cond"`` (default, the paper's I-ERG on the conditional input) or ``"uncond"``
+            (ACE-Step's style: a temperature-weakened pass on the negative / null condition).
+        queries: ``"image"`` (default) or ``"all"`` (also the text queries of SD3's joint attention).
+    """
+
+    scale: float | None = None
+    tau: float = 0.01
+    layers: LayerSpec | None = None
+    window: Any = None
+    condition: str = "cond"
+    queries: str = "image"
+
+    def __post_init__(self) -> None:
+        check_weak_scale(self.scale)
+        if isinstance(self.tau, bool) or not isinstance(self.tau, (int, float)) or math.isnan(self.tau) \
+                or not 0 < self.tau <= 1:
+            raise ValueError(f"`tau` must be in (0, 1] (1 = no weakening), got {self.tau!r}.")
+        if self.condition not in CONDITIONS:
+            raise ValueError(f"ERG `condition` must be one of {CONDITIONS}, got {self.condition!r}.")
+        if self.queries not in QUERIES:
+            raise ValueError(f"ERG `queries` must be one of {QUERIES}, got {self.queries!r}.")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", parse_layers(self.layers))
+        window_of(self.window)
+
+    def needs_negative(self) -> bool:
+        return self.condition == "uncond"
+
+    def runtime(self, setup: Setup) -> TermRuntime:
+        layers = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "ERG")
+        return ERGRuntime(self, window_of(self.window), layers, setup)
+
+
+class ERGRuntime(WeakGuidanceRuntime):
+    def __init__(self, config: ERG, window, layers: tuple[int, ...], setup: Setup) -> None:
+        super().__init__(config, window, "erg", f"erg:{format_layers(layers)}", setup)
+        self.layers = layers
+
+    def attention_layers(self) -> set[int]:
+        return set(self.layers)
+
+    def make_branch(self, ctx: StepContext) -> Branch:
+        edits = {l: [ScaleQueries(self.config.tau, self.config.queries)] for l in self.layers}
+        return Branch(self.branch_name, self.config.condition, stage=0, attention=edits)
+
+    def describe(self) -> dict:
+        d = super().describe()
+        d["layers"] = format_layers(self.layers)
+        d["role"] = self.kind
+        return d
