@@ -158,7 +158,10 @@ def _layer_defaults(info) -> dict[str, str]:
         return {}
     out = {}
     for fam, v in d.items():
-        out[fam] = "middle of the block list" if callable(v) else ",".join(map(str, v))
+        n = {"sd3": 24, "dit": 28}[fam]  # SD3-Medium / DiT-XL/2 block counts; callables scale with the model
+        layers = v(n) if callable(v) else v
+        text = ",".join(map(str, layers)) if len(layers) < 8 else f"{layers[0]}-{layers[-1]}"
+        out[fam] = text + (f" (of {n}; scales with the model)" if callable(v) else "")
     return out
 
 
