@@ -43,7 +43,7 @@ def tiny_sd3_transformer(num_layers: int = 6, seed: int = 0, qk_norm: str | None
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
         pooled_projection_dim=8, out_channels=in_channels, pos_embed_max_size=16, qk_norm=qk_norm,
     )
-    return randomize_(model, seed, gain=1.5).eval()
+    return randomize_(model, seed, gain=1.0).eval()
 
 
 def tiny_vae(latent_channels: int = 4, seed: int = 0, sd3: bool = True) -> AutoencoderKL:
@@ -87,7 +87,7 @@ def tiny_dit_transformer(num_layers: int = 6, seed: int = 0, sample_size: int = 
         num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=num_layers,
         sample_size=sample_size, patch_size=2, num_embeds_ada_norm=1000, norm_type="ada_norm_zero",
     )
-    return randomize_(model, seed, gain=1.5).eval()
+    return randomize_(model, seed, gain=1.0).eval()
 
 
 def tiny_dit_pipeline(num_layers: int = 6, seed: int = 0, scheduler=None) -> DiTPipeline:

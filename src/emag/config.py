@@ -70,6 +70,8 @@ class EMAG:
         ema_dtype: EMA storage dtype. Default: float16 on SD3, float32 on DiT (the references).
         guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT
             convention used for the paper's DiT numbers); default all noise channels.
+        cond_only_score: opt-in, NOT the reference (SD3, nested): the layer score averages the
+            conditional rows only, so the perturbed unconditional rows are never run (cheaper).
     """
 
     scale: float | None = None
@@ -86,6 +88,7 @@ class EMAG:
     combination: str = "nested"
     ema_dtype: Any = None
     guided_channels: int | None = None
+    cond_only_score: bool = False
     preset_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -106,6 +109,8 @@ class EMAG:
             raise ValueError("Entropy-based selection needs attention maps: use variant='full'.")
         if not isinstance(self.entropy_top_k, int) or self.entropy_top_k < 1:
             raise ValueError(f"`entropy_top_k` must be a positive int, got {self.entropy_top_k!r}.")
+        if not isinstance(self.cond_only_score, bool):
+            raise TypeError(f"`cond_only_score` must be a bool, got {self.cond_only_score!r}.")
         if not isinstance(self.per_sample, bool):
             raise TypeError(f"`per_sample` must be a bool, got {self.per_sample!r}.")
         for name in ("ema_window", "apply_window"):
@@ -165,6 +170,7 @@ class ResolvedEMAG:
     combination: str
     ema_dtype: torch.dtype
     guided_channels: int | None
+    cond_only_score: bool = False
     preset_name: str | None = None
 
     @property
@@ -213,5 +219,6 @@ def resolve(emag: EMAG, family: str, num_blocks: int, model_name: str) -> Resolv
         combination=emag.combination,
         ema_dtype=emag.ema_dtype if emag.ema_dtype is not None else d["ema_dtype"],
         guided_channels=emag.guided_channels,
+        cond_only_score=emag.cond_only_score,
         preset_name=emag.preset_name,
     )

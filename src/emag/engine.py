@@ -23,11 +23,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from .guidance.base import Branch, TermRuntime
 from .math.combine import merge_guided_channels
 from .plumbing.edits import EditScope, ForwardPlan, RowGroup
+from .plumbing.runner import RunState
 from .windows import StepContext
 
 BATCHING = ("normal", "all", "none")
@@ -105,6 +107,8 @@ class GuidanceEngine:
         outputs: dict[str, Tensor] = {}
         inputs: dict[str, Tensor] = {}
         self.last_passes = []
+        self._captures = set().union(*[r.capture_blocks(ctx) for r in active]) if active else set()
+        self._captured: dict[int, tuple[RunState, dict[str, slice]]] = {}
         stages = sorted({0, 1} | {b.stage for b in extra})
         for stage in stages:
             for r in active:
@@ -119,11 +123,11 @@ class GuidanceEngine:
         return tuple(self.backbones["main"].normal_order)
 
     def _passes(self, todo: list[Branch], normal: list[str]) -> list[list[Branch]]:
-        by_model: dict[str, list[Branch]] = {}
-        for b in todo:
-            by_model.setdefault(b.model, []).append(b)
+        by_model: dict[tuple[str, int], list[Branch]] = {}
+        for b in todo:  # branches resuming from different blocks cannot share a pass
+            by_model.setdefault((b.model, b.resolved_start()), []).append(b)
         passes = []
-        for model, branches in by_model.items():
+        for (model, _), branches in by_model.items():
             if self.batching == "none":
                 passes.extend([[b] for b in branches])
             elif self.batching == "all" or model != "main":
@@ -158,6 +162,11 @@ class GuidanceEngine:
             start += n
         self.last_passes.append([b.name for b in branches])
         backbone = self.backbones[model]
+        start_block = branches[0].resolved_start()
+        if model == "main" and (start_block > 0 or (self._captures and any(b.name in ("cond", "uncond") for b in branches))
+                                or any(b.keep_until is not None for b in branches)):
+            self._run_blocks(branches, groups, xs, t, conds, x, start_block, outputs)
+            return
         if model == "main":
             grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
             with self.scope.forward(ForwardPlan(groups, grid)):
@@ -168,6 +177,48 @@ class GuidanceEngine:
             out = backbone.forward(xs, t, conds)
         for g in groups:
             outputs[g.branch] = out[g.rows]
+
+    def _run_blocks(self, branches, groups, xs, t, conds, x, start, outputs) -> None:
+        """Block-by-block execution: capture states for suffix branches, resume from them, drop rows."""
+        backbone = self.backbones["main"]
+        runner = backbone.runner
+        if start == 0:
+            state = backbone.embed(xs, t, conds)
+        else:
+            if start not in self._captured:
+                raise RuntimeError(f"A branch resumes from block {start} but the normal pass did not capture it.")
+            cap, rows = self._captured[start]
+            missing = [b.source for b in branches if b.source not in rows]
+            if missing:
+                raise RuntimeError(f"Suffix branches resume from {missing}, which the captured pass did not run.")
+            state = RunState.cat([cap.rows(rows[b.source]) for b in branches])
+        keep_until = {b.name: b.keep_until for b in branches if b.keep_until is not None}
+        can_drop = not any(getattr(c, "embedding", None) is not None for c in conds)
+        grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
+        plan = ForwardPlan(groups, grid)
+        with self.scope.forward(plan), backbone.context(conds, [g.stop - g.start for g in groups]):
+            for i in range(start, runner.num_blocks):
+                if start == 0 and i in self._captures:
+                    self._captured[i] = (state, {g.branch: g.rows for g in plan.groups})
+                state = runner.block(i, state)
+                done = {n for n, j in keep_until.items() if j == i}
+                if done and can_drop:
+                    kept = [g for g in plan.groups if g.branch not in done]
+                    if not kept:
+                        plan = self.scope.plan = ForwardPlan([], grid)
+                        break
+                    index = torch.cat([torch.arange(g.start, g.stop, device=state.hidden.device) for g in kept])
+                    state = state.rows(index)
+                    regrouped, offset = [], 0
+                    for g in kept:
+                        n = g.stop - g.start
+                        regrouped.append(RowGroup(g.branch, offset, offset + n, g.attention, g.blocks))
+                        offset += n
+                    plan = self.scope.plan = ForwardPlan(regrouped, grid)
+            out = runner.head(state) if plan.groups else None
+        for g in plan.groups:
+            if g.branch not in keep_until:
+                outputs[g.branch] = out[g.rows]
 
     def _patch(self) -> int:
         return int(getattr(self.scope.transformer.config, "patch_size", 1) or 1)

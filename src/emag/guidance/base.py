@@ -57,6 +57,12 @@ class Branch:
     (EMAG chooses its block only then); ``model`` selects a separate network (autoguidance);
     ``make_input(outputs, x_t)`` builds the branch's input from earlier outputs and the step's input
     (default: ``x_t`` itself).
+
+    Suffix execution (exact, used by EMAG's fast path): a branch with ``start_block = k > 0`` resumes
+    from the hidden states the normal branch ``source`` had when entering block ``k`` in this step's
+    normal pass (its blocks before ``k`` would see identical inputs); the term must request that
+    capture with :meth:`TermRuntime.capture_blocks`. ``keep_until = j`` marks a branch whose rows are
+    only observed: they leave the pass after block ``j`` and produce no output.
     """
 
     name: str
@@ -66,6 +72,12 @@ class Branch:
     blocks: dict[int, list[BlockEdit]] | Callable[[], dict[int, list[BlockEdit]]] = field(default_factory=dict)
     model: str = "main"
     make_input: Callable[[dict[str, Tensor], Tensor], Tensor] | None = None
+    start_block: int | Callable[[], int] = 0
+    source: str | None = None
+    keep_until: int | None = None
+
+    def resolved_start(self) -> int:
+        return int(self.start_block() if callable(self.start_block) else self.start_block)
 
     def resolved_edits(self) -> tuple[dict, dict]:
         att = self.attention() if callable(self.attention) else self.attention
@@ -88,6 +100,7 @@ class Setup:
     dtype: Any = None
     models: dict[str, Any] = field(default_factory=dict)
     uses_uncond: bool = True
+    fast: bool = True  # exact savings (suffix execution, skipped identical passes) allowed
 
 
 class TermRuntime:
@@ -116,6 +129,10 @@ class TermRuntime:
         return {}, {}
 
     def attention_layers(self) -> set[int]:
+        return set()
+
+    def capture_blocks(self, ctx: StepContext) -> set[int]:
+        """Blocks whose entering hidden states this term's suffix branches resume from this step."""
         return set()
 
     def extra_models(self) -> dict[str, Any]:

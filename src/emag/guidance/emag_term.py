@@ -63,7 +63,17 @@ class EMAGRuntime(TermRuntime):
         if cfg.combination == "additive" and not setup.uses_uncond:
             raise ValueError("EMAG combination 'additive' uses the unconditional branch: enable CFG (scale > 1).")
         self.with_uncond = cfg.combination != "emag_only" and setup.uses_uncond
-        if self.protocol == "sd3":
+        self.fast = setup.fast
+        if config.cond_only_score:
+            if self.protocol != "sd3" or cfg.combination == "additive":
+                raise ValueError("cond_only_score applies to the SD3 protocol with the nested combination (the "
+                                 "additive mode needs the perturbed unconditional prediction anyway).")
+        if self.protocol == "sd3" and config.cond_only_score:
+            # Opt-in, NOT the reference: the score D averages the conditional rows only, so the
+            # perturbed unconditional rows are never run.
+            self.rows = {"cond": slice(0, b)}
+            n_rows = b
+        elif self.protocol == "sd3":
             # EMA rows follow the reference's perturbed batch: [uncond ; cond], or [cond] alone.
             self.rows = {"uncond": slice(0, b), "cond": slice(b, 2 * b)} if self.with_uncond else {"cond": slice(0, b)}
             n_rows = 2 * b if self.with_uncond else b
@@ -90,7 +100,12 @@ class EMAGRuntime(TermRuntime):
         return ema or apply
 
     def needs_uncond(self, ctx: StepContext) -> bool:
-        return self.cfg.combination == "additive" or (self.protocol == "dit" and self.with_uncond and self._windows(ctx)[0])
+        if self.cfg.combination == "additive":
+            return True
+        if self.protocol == "dit":
+            return self.with_uncond and self._windows(ctx)[0]
+        # SD3 fast path: the normal unconditional rows feed the EMA or are resumed from
+        return self.fast and "uncond" in self.rows and any(self._windows(ctx))
 
     def attention_layers(self) -> set[int]:
         return set(self.cfg.layers)
@@ -108,11 +123,18 @@ class EMAGRuntime(TermRuntime):
             self.trace.append(StepRecord(ctx.index, ema, apply, sorted(self._chosen), self.state.scores()))
         return self._chosen
 
-    def _edits(self, ctx: StepContext, which: str, feed: bool) -> dict:
+    def _start(self, ctx: StepContext) -> int | None:
+        """The first block whose input differs from the normal pass (the first chosen block), or None."""
+        chosen = self._choose(ctx)
+        return min(chosen) if chosen else None
+
+    def _edits(self, ctx: StepContext, which: str, feed: bool, from_block: int = 0) -> dict:
         chosen = self._choose(ctx)
         rows = self.rows[which]
         edits: dict[int, list] = {}
         for layer in self.cfg.layers:
+            if layer < from_block:
+                continue
             lst = []
             if feed:
                 lst.append(EMAGFeed(self.state, layer, rows))
@@ -127,20 +149,61 @@ class EMAGRuntime(TermRuntime):
         if self.protocol == "sd3":
             if not (ema or apply):
                 return []
-            return [Branch(f"emag:{w}", w, stage=0, attention=(lambda w=w: self._edits(ctx, w, ema)))
-                    for w in self.rows]
+            if not self.fast:  # straightforward: a full perturbed pass on the reference's doubled batch
+                return [Branch(f"emag:{w}", w, stage=0, attention=(lambda w=w: self._edits(ctx, w, ema)))
+                        for w in self.rows]
+            # Fast, exact: without a replacement the perturbed pass IS the normal pass (the normal branches
+            # feed the EMA instead); with one, the perturbed rows resume at the first chosen block from
+            # the normal pass's hidden states, and unconditional rows whose output is unused (nested
+            # mode) leave the pass after the last candidate block (they only feed the score).
+            k = self._start(ctx)
+            if k is None:
+                return []
+            out = []
+            for w in self.rows:
+                observe_only = w == "uncond" and self.cfg.combination != "additive"
+                if observe_only and not ema:
+                    continue
+                out.append(Branch(f"emag:{w}", w, stage=0, start_block=k, source=w,
+                                  keep_until=max(self.cfg.layers) if observe_only else None,
+                                  attention=(lambda w=w, k=k: self._edits(ctx, w, ema, from_block=k))))
+            return out
         if not apply:
             return []
         names = ["cond", "uncond"] if self.cfg.combination == "additive" else ["cond"]
-        return [Branch(f"emag:{w}", w, stage=1, attention=(lambda w=w: self._edits(ctx, w, False))) for w in names]
+        if not self.fast:
+            return [Branch(f"emag:{w}", w, stage=1, attention=(lambda w=w: self._edits(ctx, w, False)))
+                    for w in names]
+        return [Branch(f"emag:{w}", w, stage=1, start_block=(lambda: self._start(ctx) or 0), source=w,
+                       attention=(lambda w=w: self._edits(ctx, w, False))) for w in names]
+
+    def capture_blocks(self, ctx: StepContext) -> set[int]:
+        if not self.fast or not self._windows(ctx)[1]:
+            return set()
+        if self.protocol == "sd3":
+            k = self._start(ctx)
+            return {k} if k else set()  # None: no replacement; 0: the perturbed pass runs from the input
+        return set(self.cfg.layers)  # DiT chooses after the normal pass: any candidate may be the start
 
     def shared_edits(self, ctx: StepContext, branch: str):
-        if self.protocol != "dit" or not self._windows(ctx)[0] or branch not in self.rows and not (
+        if self.protocol == "sd3":
+            return self._sd3_shared_feeds(ctx, branch)
+        if not self._windows(ctx)[0] or branch not in self.rows and not (
                 branch == "uncond" and self.with_uncond):
             return {}, {}
         ema_rows = self.rows.get(branch, self.rows["cond"])  # nested: cond and uncond both feed all rows
         repeats = 2 if self.cfg.combination == "emag_only" else 1  # reference's two identical null passes
         return {l: [EMAGFeed(self.state, l, ema_rows, repeats)] for l in self.cfg.layers}, {}
+
+    def _sd3_shared_feeds(self, ctx: StepContext, branch: str):
+        """Fast SD3 path: blocks before the first chosen one (all, without a replacement) see the
+        normal pass's activations, so the normal rows feed their EMA (same EMA rows, same order)."""
+        ema, _ = self._windows(ctx)
+        if not (self.fast and ema and branch in self.rows):
+            return {}, {}
+        k = self._start(ctx)
+        layers = [l for l in self.cfg.layers if k is None or l < k]
+        return {l: [EMAGFeed(self.state, l, self.rows[branch])] for l in layers}, {}
 
     def before_stage(self, stage: int, ctx: StepContext, outputs) -> None:
         if self.protocol == "dit" and stage == 1 and any(self._windows(ctx)):

@@ -95,6 +95,7 @@ class DiTEMAGPipeline(DiTPipeline):
         noise_layout: str | None = None,
         guidance: list | None = None,
         batching: str = "normal",
+        fast: bool = True,
         combine_space: str = "auto",
     ) -> ImagePipelineOutput | tuple:
         self.emag_trace = None
@@ -126,7 +127,7 @@ class DiTEMAGPipeline(DiTPipeline):
         has_uncond = uses_uncond(terms)
         setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
                       num_steps=num_steps, batch_size=batch_size, prediction="epsilon", guided_channels=channels,
-                      device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond)
+                      device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
         runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
         guided = guided_channels_of(terms, channels)
         step_kwargs = {}

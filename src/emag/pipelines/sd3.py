@@ -79,10 +79,11 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         emag: EMAG | None = None,
         guidance: list | None = None,
         batching: str = "normal",
+        fast: bool = True,
         combine_space: str = "auto",
     ) -> StableDiffusion3PipelineOutput | tuple:
         base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "combine_space", "__class__"):
+        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "__class__"):
             base_args.pop(key, None)
         self.emag_trace = None
         if emag is None and guidance is None:
@@ -142,7 +143,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
                       num_steps=num_steps, batch_size=batch_size * num_images_per_prompt, prediction="flow",
                       guided_channels=self.transformer.config.out_channels, device=device,
-                      dtype=self.transformer.dtype, uses_uncond=has_uncond)
+                      dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
         runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
 
         lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None

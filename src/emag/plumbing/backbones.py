@@ -7,13 +7,15 @@ conditions, and how to call the transformer. Rows of the output follow the order
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from .runner import DiTRunner, RunState, SD3Runner
 
 
 @dataclass
@@ -39,6 +41,16 @@ class SD3Backbone:
     def __init__(self, transformer: nn.Module, joint_attention_kwargs: dict | None = None) -> None:
         self.transformer = transformer
         self.joint_attention_kwargs = joint_attention_kwargs
+        self.runner = SD3Runner(transformer, joint_attention_kwargs)
+
+    def embed(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> RunState:
+        x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
+        embeds = torch.cat([c.embeds for c in conds]) if len(conds) > 1 else conds[0].embeds
+        pooled = torch.cat([c.pooled for c in conds]) if len(conds) > 1 else conds[0].pooled
+        return self.runner.embed(x, t.expand(x.shape[0]), embeds, pooled)
+
+    def context(self, conds: Sequence[Any], rows: Sequence[int]):
+        return nullcontext()
 
     def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> Tensor:
         x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
@@ -56,30 +68,35 @@ class DiTBackbone:
     def __init__(self, transformer: nn.Module, scheduler: Any) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
+        self.runner = DiTRunner(transformer)
 
     def _label_embedders(self) -> list[nn.Module]:
         return [m for m in self.transformer.modules() if type(m).__name__ == "LabelEmbedding"]
 
-    def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[ClassCondition]) -> Tensor:
+    def _inputs(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[ClassCondition]):
         x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
         labels = torch.cat([c.labels for c in conds]) if len(conds) > 1 else conds[0].labels
         x = self.scheduler.scale_model_input(x, t)
         ts = t if torch.is_tensor(t) else torch.tensor([t], device=x.device)
         if ts.dim() == 0:
             ts = ts[None].to(x.device)
-        ts = ts.expand(x.shape[0])
+        return x, ts.expand(x.shape[0]), labels
+
+    @contextmanager
+    def context(self, conds: Sequence[ClassCondition], rows: Sequence[int]) -> Iterator[None]:
+        """Rewrite the class-embedding vectors of the rows whose condition asks for it (CADS)."""
         with ExitStack() as stack:
             if any(c.embedding is not None for c in conds):
                 spans, start = [], 0
-                for c in conds:
-                    spans.append((slice(start, start + c.labels.shape[0]), c.embedding))
-                    start += c.labels.shape[0]
+                for c, n in zip(conds, rows):
+                    spans.append((slice(start, start + n), c.embedding))
+                    start += n
 
                 def rewrite(module, args, output):
                     output = output.clone()
-                    for rows, fn in spans:
+                    for r, fn in spans:
                         if fn is not None:
-                            output[rows] = fn(output[rows])
+                            output[r] = fn(output[r])
                     return output
 
                 embedders = self._label_embedders()
@@ -88,4 +105,13 @@ class DiTBackbone:
                 for m in embedders:
                     handle = m.register_forward_hook(rewrite)
                     stack.callback(handle.remove)
+            yield
+
+    def embed(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[ClassCondition]) -> RunState:
+        x, ts, labels = self._inputs(xs, t, conds)
+        return self.runner.embed(x, ts, labels)
+
+    def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[ClassCondition]) -> Tensor:
+        x, ts, labels = self._inputs(xs, t, conds)
+        with self.context(conds, [c.labels.shape[0] for c in conds]):
             return self.transformer(x, timestep=ts, class_labels=labels).sample
