@@ -101,7 +101,7 @@ def test_cli_generate_sd3_writes_png_with_metadata(sd3_dir, tmp_path):
         "--out", str(out),
     ])
     assert r.exit_code == 0, r.output
-    pngs = sorted(out.glob("*.png"))
+    pngs = sorted(out.glob("0*.png"))
     assert [p.name for p in pngs] == ["00000_seed8.png", "00001_seed9.png"]
     meta = read_png_params(pngs[1])
     assert meta["condition"] == "a dog" and meta["seed"] == 9 and meta["guidance_scale"] == 4.0
@@ -115,7 +115,7 @@ def test_cli_generate_dit_by_class_name_is_reproducible(dit_dir, tmp_path):
     r1 = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "a")])
     r2 = CliRunner().invoke(cli, args + ["--out", str(tmp_path / "b")])
     assert r1.exit_code == 0 and r2.exit_code == 0, r1.output
-    a, b = sorted((tmp_path / "a").glob("*.png")), sorted((tmp_path / "b").glob("*.png"))
+    a, b = sorted((tmp_path / "a").glob("0*.png")), sorted((tmp_path / "b").glob("0*.png"))
     assert len(a) == 2 and a[0].read_bytes() == b[0].read_bytes()
     assert read_png_params(a[0])["condition"] == 3
     plain = ["generate", "--model", str(dit_dir), "--class-label", "3", "--steps", "6", "--sampler", "default"]
@@ -176,3 +176,13 @@ def test_cli_bad_input_fails_fast_without_traceback(sd3_dir, dit_dir, monkeypatc
     r = CliRunner().invoke(cli, ["generate"] + args)
     assert r.exit_code != 0 and message in r.output
     assert "Traceback" not in r.output
+
+
+def test_cli_default_is_the_bundled_digits_model_offline(tmp_path):
+    r = CliRunner().invoke(cli, ["generate", "--class-label", "3", "--class-label", "seven", "--num-images", "2",
+                                 "--steps", "6", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert len(list(tmp_path.glob("0*.png"))) == 4 and (tmp_path / "grid.png").is_file()
+    meta = read_png_params(tmp_path / "00002_seed2.png")
+    assert meta["model"] == "bundled:digits" and meta["preset"] == "digits" and meta["condition"] == 7
+    assert meta["emag"]["layers"] == "3,4"

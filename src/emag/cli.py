@@ -14,6 +14,9 @@ from .presets import PRESETS
 EXAMPLES = """
 \b
 Examples:
+  # Offline, in seconds: EMAG-guided digits from the bundled model, one row per class (out/grid.png):
+  emag generate --out out/
+\b
   # SD3-Medium with the paper's EMAG settings (weights downloaded beforehand):
   emag generate --model ./models/stable-diffusion-3-medium-diffusers \\
       --prompt "a red fox in the snow" --preset sd3-medium --out out/
@@ -48,7 +51,8 @@ def _window(value: str | None):
 
 
 @cli.command(epilog=EXAMPLES)
-@click.option("--model", "model", required=True, metavar="PATH|HUB_ID", help="Local diffusers folder or hub id.")
+@click.option("--model", "model", default=None, metavar="PATH|HUB_ID",
+              help="Local diffusers folder or hub id (default: the bundled digits DiT, offline).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Prompt (SD3); repeat for several.")
 @click.option("--negative-prompt", metavar="TEXT", default=None, help="Negative prompt (SD3).")
 @click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME", help="Class (DiT); repeat for several.")
@@ -75,7 +79,8 @@ def _window(value: str | None):
 @click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i.")
 @click.option("--height", type=click.IntRange(min=1), default=None, help="Image height (SD3).")
 @click.option("--width", type=click.IntRange(min=1), default=None, help="Image width (SD3).")
-@click.option("--num-images", type=click.IntRange(min=1), default=1, show_default=True, help="Images per prompt/class.")
+@click.option("--num-images", type=click.IntRange(min=1), default=None,
+              help="Images per prompt/class (default 1; 6 for the bundled digits model).")
 @click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
@@ -107,7 +112,8 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
             model, prompts=list(prompts), negative_prompt=negative_prompt, class_labels=list(class_labels),
             preset=preset, method=method, emag_overrides=overrides, method_params=method_params,
             guidance_scale=guidance_scale,
-            num_inference_steps=steps, height=height, width=width, seed=seed, num_images=num_images,
+            num_inference_steps=steps, height=height, width=width, seed=seed,
+            num_images=num_images or (6 if model is None else 1),
             sampler=sampler, dtype=dtype, device=device, allow_download=download,
         )
     except (MissingWeightsError, ValueError, TypeError) as exc:
@@ -116,9 +122,17 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
     click.echo(f"{plan.family.upper()} model {plan.model}: {len(plan.jobs)} image(s), method {plan.method}, "
                f"preset {plan.preset.name}, {plan.num_inference_steps} steps, CFG {plan.guidance_scale} -> {out}/",
                err=True)
-    for index, image, params in run(plan):
-        path = save_png(image, out / f"{index:05d}_seed{params['seed']}.png", params)
-        click.echo(str(path))
+    from .io import save_grid
+
+    rows: dict[object, list] = {}
+    with click.progressbar(length=len(plan.jobs), label="images", file=sys.stderr) as bar:
+        for index, image, params in run(plan):
+            path = save_png(image, out / f"{index:05d}_seed{params['seed']}.png", params)
+            rows.setdefault(str(params["condition"]), []).append(image)
+            click.echo(str(path))
+            bar.update(1)
+    if len(plan.jobs) > 1:
+        click.echo(str(save_grid(list(rows.values()), out / "grid.png")))
 
 
 @cli.command("methods")

@@ -85,7 +85,7 @@ def _resolve_labels(folder: Path, labels: list[str], num_classes: int) -> list[i
 
 
 def plan_generation(
-    model: str,
+    model: str | None = None,
     *,
     prompts: list[str] | None = None,
     negative_prompt: str | None = None,
@@ -117,9 +117,15 @@ def plan_generation(
     unused = set(method_params) - set(names)
     if unused:
         raise ValueError(f"--param given for {sorted(unused)} but --method is {','.join(names)}.")
-    folder = locate_model(model, allow_download)
+    bundled = model is None
+    if bundled:
+        from .digits import bundled_model_path
+
+        folder, model = bundled_model_path(), "bundled:digits"
+    else:
+        folder = locate_model(model, allow_download)
     family = model_family(folder)
-    p = get_preset(preset or DEFAULT_PRESET[family])
+    p = get_preset(preset or ("digits" if bundled else DEFAULT_PRESET[family]))
     if p.family != family:
         raise ValueError(f"Preset {p.name!r} is for {p.family.upper()} models but {model} is a {family.upper()} model.")
     tcfg = read_component_config(folder, "transformer")
@@ -164,6 +170,8 @@ def plan_generation(
     else:
         if prompts:
             raise ValueError("A DiT model is class-conditional: give --class-label, not --prompt.")
+        if not class_labels and bundled:
+            class_labels = [str(i) for i in range(10)]  # the bundled digits: one row per class
         if not class_labels:
             raise ValueError("A DiT model needs at least one --class-label (an id or a class name).")
         native = sample * vsf
@@ -241,6 +249,8 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[plan.dtype]
     if pipe is None:
         pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
+    if len(plan.jobs) > 1:
+        pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
     if plan.family == "dit" and plan.sampler == "ddpm-250":
         pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
     for index, job in enumerate(plan.jobs):

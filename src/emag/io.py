@@ -40,3 +40,18 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]
 def read_png_params(path: str | os.PathLike) -> dict[str, Any]:
     with Image.open(path) as im:
         return json.loads(im.text[METADATA_KEY])
+
+
+def save_grid(rows: list[list[Image.Image]], path: str | os.PathLike, min_cell: int = 64) -> Path:
+    """One row per condition: the images side by side, upscaled (nearest) to at least ``min_cell`` px."""
+    path = Path(path)
+    w, h = rows[0][0].size
+    scale = max(1, -(-min_cell // min(w, h)))
+    cw, ch, pad = w * scale, h * scale, max(2, scale // 2)
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (cw + pad) + pad, len(rows) * (ch + pad) + pad), (128, 128, 128))
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST), (pad + j * (cw + pad), pad + i * (ch + pad)))
+    _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return path

@@ -98,9 +98,9 @@ def load_pipeline(folder: Path, family: str, dtype: torch.dtype = torch.float32,
     from .pipelines import DiTEMAGPipeline, StableDiffusion3EMAGPipeline
 
     cls = StableDiffusion3EMAGPipeline if family == "sd3" else DiTEMAGPipeline
-    components = ["transformer", "vae"]
-    check_weights_present(folder, components)
     index = read_model_index(folder)
+    components = [c for c in ("transformer", "vae") if index.get(c) and index[c][0] is not None]
+    check_weights_present(folder, components)
     # Components saved as None (e.g. SD3 without T5) are [null, null] in model_index.json; pass them
     # explicitly so that from_pretrained accepts the folder.
     absent = {name: None for name in cls._get_signature_keys(cls)[0]
