@@ -1,0 +1,202 @@
+"""Side-by-side speed and memory of guidance methods, in ONE run, interleaved and repeated.
+
+Builds random-weight transformers with real configurations (no download) or loads real weights when
+a folder is given, runs CFG, EMAG (full), EMAG-Q, PAG, SEG and the straightforward EMAG path round-robin
+on identical inputs, and prints seconds per image, the ratio to CFG, peak memory and the max difference
+of each fast path against the straightforward one.
+
+    python benchmarks/speed.py --size cpu-small            # CPU: 12 blocks, 256 wide, 32x32 latent
+    python benchmarks/speed.py --size sd3-medium --device cuda --dtype float16 --batch 1 4
+    python benchmarks/speed.py --size dit-xl-2-256 --device cuda --dtype float16
+
+Timings are transformer-only (no text encoders / VAE); absolute numbers are only meaningful on the
+GPU they were measured on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+
+import torch
+
+SIZES = {
+    # name: (family, transformer kwargs, latent hw, text tokens)
+    "cpu-small": ("sd3", dict(num_layers=12, attention_head_dim=32, num_attention_heads=8, joint_attention_dim=256,
+                              caption_projection_dim=256, pooled_projection_dim=64, in_channels=16, out_channels=16,
+                              sample_size=32, patch_size=2, pos_embed_max_size=32), 32, 77),
+    "cpu-small-dit": ("dit", dict(num_layers=12, num_attention_heads=8, attention_head_dim=32, in_channels=4,
+                                  out_channels=8, sample_size=32, patch_size=2), 32, 0),
+    "sd3-medium": ("sd3", dict(num_layers=24, attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
+                               caption_projection_dim=1536, pooled_projection_dim=2048, in_channels=16,
+                               out_channels=16, sample_size=128, patch_size=2, pos_embed_max_size=192), 128, 333),
+    "dit-xl-2-256": ("dit", dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                 out_channels=8, sample_size=32, patch_size=2), 32, 0),
+    "dit-xl-2-512": ("dit", dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                 out_channels=8, sample_size=64, patch_size=2), 64, 0),
+}
+
+
+class PeakRSS:
+    """Peak resident memory of this process while active (sampled every 2 ms; CPU runs)."""
+
+    def __enter__(self):
+        import psutil
+
+        self.proc = psutil.Process(os.getpid())
+        self.base = self.proc.memory_info().rss
+        self.peak = self.base
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self):
+        while not self.stop:
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        self.stop = True
+        self.thread.join()
+
+
+def build(size: str, device: str, dtype: torch.dtype, model: str | None):
+    import emag
+    from diffusers import DDIMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    family, kw, hw, tokens = SIZES[size]
+    torch.manual_seed(0)
+    if model:
+        cls = SD3Transformer2DModel if family == "sd3" else DiTTransformer2DModel
+        tr = cls.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
+    elif family == "sd3":
+        tr = SD3Transformer2DModel(**kw)
+    else:
+        tr = DiTTransformer2DModel(num_embeds_ada_norm=1000, norm_type="ada_norm_zero", **kw)
+        with torch.no_grad():  # adaLN-zero init makes every block an identity: randomise
+            for name, p in tr.named_parameters():
+                if p.dim() >= 2 and p.abs().sum() == 0:
+                    p.normal_(0, 0.02)
+    tr = tr.to(device=device, dtype=dtype).eval()
+    if family == "sd3":
+        pipe = emag.StableDiffusion3EMAGPipeline(
+            transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+            tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    else:
+        pipe = emag.DiTEMAGPipeline(transformer=tr, vae=None, scheduler=DDIMScheduler())
+    pipe.set_progress_bar_config(disable=True)
+    return family, pipe, hw, tokens
+
+
+def methods(family: str, n_blocks: int):
+    import emag
+
+    mid = n_blocks // 4 if family == "sd3" else n_blocks // 2
+    layers = [mid, mid + 1, mid + 2] if family == "sd3" else [mid - 2, mid - 1, mid, mid + 1]
+    w = 7.0 if family == "sd3" else 1.5
+    e = dict(layers=layers)
+    if family == "dit":  # fraction windows: the reference's absolute DiT windows never open below 51 steps
+        e.update(ema_window=(0.396, 0.8), apply_window=(0.596, 0.8))
+    return {
+        "cfg": dict(guidance=[emag.CFG(w)]),
+        "emag-full": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", **e)]),
+        "emag-q": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)]),
+        "emag-full-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", **e)], fast=False),
+        "emag-q-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], fast=False),
+        "pag": dict(guidance=[emag.CFG(w), emag.PAG(3.0, layers=[mid])]),
+        "seg": ("seg", dict(scale=3.0, layers=[mid])),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="cpu-small")
+    ap.add_argument("--model", default=None, help="load real weights from this diffusers folder")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32")
+    ap.add_argument("--steps", type=int, default=None, help="default: 28 (SD3) / 50 (DiT)")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="subset of method names")
+    ap.add_argument("--json", default=None, help="also write the results here")
+    args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
+    family, pipe, hw, tokens = build(args.size, args.device, dtype, args.model)
+    n_blocks = len(pipe.transformer.transformer_blocks)
+    steps = args.steps or (28 if family == "sd3" else 50)
+    table = methods(family, n_blocks)
+    if "seg" in table:
+        try:
+            from emag.guidance.seg import SEG
+
+            _, kw = table["seg"]
+            table["seg"] = dict(guidance=[table["cfg"]["guidance"][0], SEG(**kw)])
+        except ImportError:
+            del table["seg"]
+    if args.only:
+        table = {k: v for k, v in table.items() if k in args.only}
+    rows = []
+    for batch in args.batch:
+        g = torch.Generator().manual_seed(0)
+        if family == "sd3":
+            inputs = dict(
+                prompt_embeds=torch.randn(batch, tokens, pipe.transformer.config.joint_attention_dim, generator=g),
+                negative_prompt_embeds=torch.randn(batch, tokens, pipe.transformer.config.joint_attention_dim, generator=g),
+                pooled_prompt_embeds=torch.randn(batch, pipe.transformer.config.pooled_projection_dim, generator=g),
+                negative_pooled_prompt_embeds=torch.randn(batch, pipe.transformer.config.pooled_projection_dim, generator=g),
+                latents=torch.randn(batch, 16, hw, hw, generator=g), height=hw * 8, width=hw * 8)
+            inputs = {k: (v.to(args.device, dtype) if torch.is_tensor(v) else v) for k, v in inputs.items()}
+        else:
+            inputs = dict(class_labels=list(range(batch)), latents=torch.randn(batch, 4, hw, hw, generator=g).to(args.device, dtype))
+        times = {k: [] for k in table}
+        peaks, outs = {}, {}
+        for rep in range(args.repeats + 1):  # the first round warms up and is not timed
+            for name, kw in table.items():
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                with torch.no_grad(), PeakRSS() as mem:
+                    t0 = time.perf_counter()
+                    out = pipe(**inputs, num_inference_steps=steps, output_type="latent", **kw).images
+                    if args.device.startswith("cuda"):
+                        torch.cuda.synchronize()
+                    dt = time.perf_counter() - t0
+                if rep:
+                    times[name].append(dt / batch)
+                peak = (torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda")
+                        else (mem.peak - mem.base) / 2**30)
+                peaks[name] = max(peaks.get(name, 0.0), peak)
+                outs[name] = out.float().cpu()
+        cfg_t = statistics.median(times["cfg"]) if "cfg" in times else None
+        for name in table:
+            med = statistics.median(times[name])
+            ref = name.replace("emag-full", "emag-full-straightforward").replace("emag-q", "emag-q-straightforward")
+            diff = (outs[name] - outs[ref]).abs().max().item() if ref in outs and ref != name else None
+            rows.append(dict(size=args.size, batch=batch, method=name, s_per_image=med,
+                             ratio_to_cfg=(med / cfg_t) if cfg_t else None, peak_gib=peaks[name],
+                             max_diff_vs_straightforward=diff))
+    mem_kind = "peak allocated GiB (CUDA)" if args.device.startswith("cuda") else "peak RSS growth GiB (CPU, sampled)"
+    print(f"# {args.size} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}), {steps} steps, "
+          f"{args.repeats} timed repeats, interleaved; torch {torch.__version__}")
+    print(f"| size | batch | method | s/image | x CFG | {mem_kind} | max diff vs straightforward |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = f"{r['ratio_to_cfg']:.2f}" if r["ratio_to_cfg"] else "-"
+        diff = "-" if r["max_diff_vs_straightforward"] is None else f"{r['max_diff_vs_straightforward']:.1e}"
+        print(f"| {r['size']} | {r['batch']} | {r['method']} | {r['s_per_image']:.3f} | {ratio} | "
+              f"{r['peak_gib']:.3f} | {diff} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"argv": sys.argv, "rows": rows}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
