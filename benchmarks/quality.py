@@ -113,13 +113,15 @@ def plots(results: list[dict], folder: Path) -> list[Path]:
     paths = []
     for metric, label in (("fd", "Fréchet distance (classifier features), lower is better"),
                           ("accuracy", "classifier accuracy of the requested class")):
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for method in dict.fromkeys(r["method"] for r in results):
+        fig, ax = plt.subplots(figsize=(9, 5.5))
+        colors = plt.get_cmap("tab20").colors
+        for i, method in enumerate(dict.fromkeys(r["method"] for r in results)):
             pts = sorted((r["scale"], r[metric]) for r in results if r["method"] == method)
             if method == "none":
                 ax.axhline(pts[0][1], color="k", ls=":", label="no guidance")
             else:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="os^vD<>"[i % 7], color=colors[i % 20],
+                        ls="-" if i % 2 else "--", label=method)
         ax.set_xlabel("scale of the method (CFG w, EMAG w_e, perturbation s; composed settings use CFG 2)")
         ax.set_ylabel(label)
         ax.legend(fontsize=7, ncol=2)
