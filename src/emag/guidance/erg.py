@@ -9,9 +9,11 @@ The ERG prediction REPLACES the unconditional one (guidance-methods.md 7):
 so a call costs two passes, like CFG, and it works without any unconditional branch ("I-ERG" for
 unconditional models). The concrete codification followed here is ACE-Step's [src: ace-step
 ``pipeline_ace_step.py``, via guidance-methods.md 7.2]: ``tau = 0.01`` on the queries of a band of middle
-blocks. [unverified] The paper's own per-model tau, block ranges and its additional "step-size"
-adjustment of the attention update were not checked against the paper and are not implemented; neither
-is C-ERG (the weakened text encoder).
+blocks. The EMAG reference code's ERG baseline (queries scaled by tau_i = 0.01, then a "multistep"
+attention update ``q <- q - gamma (q - alpha Attn(q, K, V))`` with alpha = gamma = 1 and one step,
+whose result is the block's attention output) reduces exactly to this: the output is
+``Attn(tau q, K, V)``. [unverified] The paper's own per-model tau, block ranges and other step sizes were
+not checked against the paper; C-ERG (the weakened text encoder) is not implemented.
 """
 
 from __future__ import annotations
@@ -63,7 +65,7 @@ class ERG(GuidanceConfig):
         scale: ``None`` (default): ERG replaces the unconditional prediction of the call's CFG-like term,
             whose scale applies: ``guidance=[emag.CFG(w), emag.ERG()]`` gives ``D_ERG + w (c - D_ERG)``,
             and with APG the projection acts on ``c - D_ERG`` (how the paper combines with APG). The
-            plain unconditional pass is then still run by the engine but unused. ``w`` (a number): ERG
+            plain unconditional pass is then skipped. ``w`` (a number): ERG
             is a guidance rule of its own, ``D = D_ERG + w (c - D_ERG)``, with no unconditional pass
             (works for unconditional models); ``w = 1`` is neutral. A CFG-like term given as well is then
             applied on top of that result, as with EMAG's nested combination.
