@@ -169,3 +169,13 @@ def test_bad_guidance_lists(pipe, bad, match):
 def test_bad_term_configs(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_auto_batching_is_normal_on_cpu(pipe):
+    """`batching="auto"` measures memory on CUDA; on the CPU it is the "normal" layout exactly."""
+    g = [emag.CFG(5.0), emag.PAG(3.0, layers=[2])]
+    auto = pipe(**kw(guidance=g, batching="auto")).images
+    assert [list(x) for x in pipe.guidance_engine.last_passes] == [["uncond", "cond"], ["pag:2"]]
+    assert torch.equal(auto, pipe(**kw(guidance=g, batching="normal")).images)
+    with pytest.raises(ValueError, match="batching"):
+        pipe(**kw(guidance=g, batching="everything"))

@@ -32,7 +32,7 @@ from .plumbing.edits import EditScope, ForwardPlan, RowGroup
 from .plumbing.runner import RunState
 from .windows import StepContext
 
-BATCHING = ("normal", "all", "none")
+BATCHING = ("normal", "all", "none", "auto")
 COMBINE_SPACES = ("auto", "x0")
 
 
@@ -128,9 +128,10 @@ class GuidanceEngine:
             by_model.setdefault((b.model, b.resolved_start()), []).append(b)
         passes = []
         for (model, _), branches in by_model.items():
-            if self.batching == "none":
+            policy = self._auto_policy(branches) if self.batching == "auto" else self.batching
+            if policy == "none":
                 passes.extend([[b] for b in branches])
-            elif self.batching == "all" or model != "main":
+            elif policy == "all" or model != "main":
                 passes.append(branches)
             else:
                 shared = [b for b in branches if b.name in normal]
@@ -138,7 +139,37 @@ class GuidanceEngine:
                 passes.extend(p for p in (shared, rest) if p)
         return passes
 
+    def _auto_policy(self, branches: list[Branch]) -> str:
+        """``"all"`` when one pass over every branch fits in the free accelerator memory, else ``"normal"``.
+
+        The activation memory per batch row is measured on this call's own passes (CUDA peak-memory
+        statistics); until it is known, and on the CPU, the policy is ``"normal"``.
+        """
+        per_row = getattr(self, "_bytes_per_row", None)
+        if per_row is None or not torch.cuda.is_available():
+            return "normal"
+        cond = self.conditions["cond"]
+        samples = (cond.labels if hasattr(cond, "labels") else cond.embeds).shape[0]
+        rows = samples * len(branches)
+        free, _ = torch.cuda.mem_get_info()
+        return "all" if per_row * rows * 1.25 < free else "normal"
+
+    def _measure(self, device, rows: int, before: int) -> None:
+        if device.type != "cuda":
+            return
+        used = torch.cuda.max_memory_allocated(device) - before
+        self._bytes_per_row = max(getattr(self, "_bytes_per_row", 0), used / max(rows, 1))
+
     def _run(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
+        measuring = self.batching == "auto" and x.device.type == "cuda"
+        if measuring:
+            torch.cuda.reset_peak_memory_stats(x.device)
+            before = torch.cuda.memory_allocated(x.device)
+        self._run_pass(branches, x, t, ctx, active, conditions, outputs, inputs)
+        if measuring:
+            self._measure(x.device, sum(int(outputs[b.name].shape[0]) for b in branches if b.name in outputs), before)
+
+    def _run_pass(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
         model = branches[0].model
         xs, conds, groups, start = [], [], [], 0
         for b in branches:
