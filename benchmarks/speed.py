@@ -1,9 +1,10 @@
 """Side-by-side speed and memory of guidance methods, in ONE run, interleaved and repeated.
 
 Builds random-weight transformers with real configurations (no download) or loads real weights when
-a folder is given, runs CFG, EMAG (full), EMAG-Q, PAG, SEG and the straightforward EMAG path round-robin
-on identical inputs, and prints seconds per image, the ratio to CFG, peak memory and the max difference
-of each fast path against the straightforward one.
+a folder is given, runs CFG, EMAG (full, with dense and with factored EMA storage), EMAG-Q, PAG, SEG and
+the straightforward EMAG path round-robin on identical inputs, and prints seconds per image, the ratio to
+CFG, peak memory, the bytes held by the EMA state and the max difference of each fast path against the
+straightforward one.
 
     python benchmarks/speed.py --size cpu-small            # CPU: 12 blocks, 256 wide, 32x32 latent
     python benchmarks/speed.py --size sd3-medium --device cuda --dtype float16 --batch 1 4
@@ -106,13 +107,26 @@ def methods(family: str, n_blocks: int):
         e.update(ema_window=(0.396, 0.8), apply_window=(0.596, 0.8))
     return {
         "cfg": dict(guidance=[emag.CFG(w)]),
-        "emag-full": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", **e)]),
+        "emag-full": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="dense", **e)]),
         "emag-q": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)]),
+        "emag-full-factored": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="factored", **e)]),
         "emag-full-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", **e)], fast=False),
         "emag-q-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], fast=False),
         "pag": dict(guidance=[emag.CFG(w), emag.PAG(3.0, layers=[mid])]),
         "seg": ("seg", dict(scale=3.0, layers=[mid])),
     }
+
+
+STRAIGHTFORWARD = {"emag-full": "emag-full-straightforward", "emag-full-factored": "emag-full-straightforward",
+                   "emag-q": "emag-q-straightforward"}
+
+
+def ema_state_mib(pipe) -> float | None:
+    """Bytes held by the call's EMAG state (dense maps or factored queries/keys), in MiB."""
+    for r in getattr(pipe, "guidance_runtimes", None) or []:
+        if r.name == "emag":
+            return r.state.nbytes / 2**20
+    return None
 
 
 def main(argv=None) -> int:
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
         else:
             inputs = dict(class_labels=list(range(batch)), latents=torch.randn(batch, 4, hw, hw, generator=g).to(args.device, dtype))
         times = {k: [] for k in table}
-        peaks, outs = {}, {}
+        peaks, outs, states = {}, {}, {}
         for rep in range(args.repeats + 1):  # the first round warms up and is not timed
             for name, kw in table.items():
                 if args.device.startswith("cuda"):
@@ -173,25 +187,27 @@ def main(argv=None) -> int:
                 peak = (torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda")
                         else (mem.peak - mem.base) / 2**30)
                 peaks[name] = max(peaks.get(name, 0.0), peak)
+                states[name] = ema_state_mib(pipe)
                 outs[name] = out.float().cpu()
         cfg_t = statistics.median(times["cfg"]) if "cfg" in times else None
         for name in table:
             med = statistics.median(times[name])
-            ref = name.replace("emag-full", "emag-full-straightforward").replace("emag-q", "emag-q-straightforward")
-            diff = (outs[name] - outs[ref]).abs().max().item() if ref in outs and ref != name else None
+            ref = STRAIGHTFORWARD.get(name)
+            diff = (outs[name] - outs[ref]).abs().max().item() if ref in outs else None
             rows.append(dict(size=args.size, batch=batch, method=name, s_per_image=med,
-                             ratio_to_cfg=(med / cfg_t) if cfg_t else None, peak_gib=peaks[name],
+                             ratio_to_cfg=(med / cfg_t) if cfg_t else None, peak_gib=peaks[name], ema_state_mib=states[name],
                              max_diff_vs_straightforward=diff))
     mem_kind = "peak allocated GiB (CUDA)" if args.device.startswith("cuda") else "peak RSS growth GiB (CPU, sampled)"
     print(f"# {args.size} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}), {steps} steps, "
           f"{args.repeats} timed repeats, interleaved; torch {torch.__version__}")
-    print(f"| size | batch | method | s/image | x CFG | {mem_kind} | max diff vs straightforward |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"| size | batch | method | s/image | x CFG | {mem_kind} | EMA state MiB | max diff vs straightforward |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio_to_cfg']:.2f}" if r["ratio_to_cfg"] else "-"
         diff = "-" if r["max_diff_vs_straightforward"] is None else f"{r['max_diff_vs_straightforward']:.1e}"
+        state = "-" if r["ema_state_mib"] is None else f"{r['ema_state_mib']:.2f}"
         print(f"| {r['size']} | {r['batch']} | {r['method']} | {r['s_per_image']:.3f} | {ratio} | "
-              f"{r['peak_gib']:.3f} | {diff} |")
+              f"{r['peak_gib']:.3f} | {state} | {diff} |")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "rows": rows}, f, indent=2)

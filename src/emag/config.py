@@ -19,6 +19,7 @@ from .windows import RemainingStepsWindow, SD3ReferenceWindow, StepWindow, Windo
 VARIANTS = ("full", "q")
 TRACKED_ROWS = ("image_rows", "img2img", "img2txt")
 COMBINATIONS = ("nested", "additive", "emag_only")
+EMA_STORAGES = ("auto", "dense", "factored")
 _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -68,6 +69,13 @@ class EMAG:
             ``"additive"`` (reference "CFG" mode: ``u + w (c - u) + w_e (c - u_e)``) or
             ``"emag_only"`` (``c_e + w_e (c - c_e)``, no CFG).
         ema_dtype: EMA storage dtype. Default: float16 on SD3, float32 on DiT (the references).
+        ema_storage: how the full-map EMA is held: ``"dense"`` (the ``[rows, H, N_i, N_k]`` tensor, as
+            the reference), ``"factored"`` (the past queries/keys and one weight per update: ``E V`` as a
+            weighted sum of fused attention calls, the score as a tiled reduction; memory
+            ``O(updates x N x d)``, float32 arithmetic, more compute) or ``"auto"`` (default: dense
+            unless the dense maps of all candidate blocks would exceed a quarter of the free memory of
+            the device, see :func:`emag.plumbing.emag_attention.dense_budget_bytes`). Full variant,
+            ``rows="image_rows"`` only.
         guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT
             convention used for the paper's DiT numbers); default all noise channels.
         cond_only_score: opt-in, NOT the reference (SD3, nested): the layer score averages the
@@ -87,6 +95,7 @@ class EMAG:
     apply_window: Any = None
     combination: str = "nested"
     ema_dtype: Any = None
+    ema_storage: str = "auto"
     guided_channels: int | None = None
     cond_only_score: bool = False
     preset_name: str | None = field(default=None, compare=False)
@@ -99,12 +108,15 @@ class EMAG:
             raise ValueError(f"`beta` (EMA decay) must be in [0, 1), got {self.beta!r}.")
         if isinstance(self.blend, bool) or not isinstance(self.blend, (int, float)) or not (0.0 <= self.blend <= 1.0):
             raise ValueError(f"`blend` (lambda) must be in [0, 1], got {self.blend!r}.")
-        for name, allowed in (("variant", VARIANTS), ("rows", TRACKED_ROWS),
-                              ("selection", SELECTION_MODES), ("combination", COMBINATIONS)):
+        for name, allowed in (("variant", VARIANTS), ("rows", TRACKED_ROWS), ("selection", SELECTION_MODES),
+                              ("combination", COMBINATIONS), ("ema_storage", EMA_STORAGES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown EMAG {name} {getattr(self, name)!r}; expected one of {allowed}.")
         if self.variant == "q" and self.rows != "image_rows":
             raise ValueError("The 'q' variant replaces whole image-query vectors: `rows` must be 'image_rows'.")
+        if self.ema_storage == "factored" and (self.variant != "full" or self.rows != "image_rows"):
+            raise ValueError("ema_storage='factored' holds full attention maps of whole image-query rows: it needs "
+                             "variant='full' and rows='image_rows' (the q variant's state is already small).")
         if self.variant == "q" and self.selection in ("entropy", "entropy_adaptive"):
             raise ValueError("Entropy-based selection needs attention maps: use variant='full'.")
         if not isinstance(self.entropy_top_k, int) or self.entropy_top_k < 1:
@@ -171,6 +183,7 @@ class ResolvedEMAG:
     ema_dtype: torch.dtype
     guided_channels: int | None
     cond_only_score: bool = False
+    ema_storage: str = "auto"
     preset_name: str | None = None
 
     @property
@@ -220,5 +233,6 @@ def resolve(emag: EMAG, family: str, num_blocks: int, model_name: str) -> Resolv
         ema_dtype=emag.ema_dtype if emag.ema_dtype is not None else d["ema_dtype"],
         guided_channels=emag.guided_channels,
         cond_only_score=emag.cond_only_score,
+        ema_storage=emag.ema_storage,
         preset_name=emag.preset_name,
     )

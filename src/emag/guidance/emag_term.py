@@ -84,7 +84,10 @@ class EMAGRuntime(TermRuntime):
             self.rows = {"cond": slice(0, b)}
             n_rows = b
         self.state = EMAGState(cfg, n_rows, "before" if self.protocol == "sd3" else "after")
-        check_windows(cfg, setup.num_steps)
+        ema_steps, _ = check_windows(cfg, setup.num_steps)
+        # distinct live maps stored per EMA row and step: the DiT nested mode feeds cond, then uncond
+        per_step = 2 if self.protocol == "dit" and cfg.combination == "nested" and self.with_uncond else 1
+        self.state.stored_updates = len(ema_steps) * per_step
         self.trace: list[StepRecord] = []
         self._chosen: dict | None = None
         self._step = -1

@@ -42,6 +42,10 @@ class AttentionEdit:
     needs_probs: bool = False
     uses_mask: bool = False  # True when ``mask`` may return an attention mask
     modifies_output: bool = True  # False for observers (e.g. an EMA fed by a normal pass)
+    edits_output: bool = False  # True when ``output`` rewrites the group's attention output
+
+    def prepare(self, q: Tensor, k: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> None:
+        """Called before anything else in an intercepted call (e.g. to choose a storage by size)."""
 
     def query(self, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> Tensor:
         return q
@@ -52,6 +56,11 @@ class AttentionEdit:
 
     def probs(self, p: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> Tensor:
         return p
+
+    def output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows: tuple[int, int],
+               sdpa) -> Tensor:
+        """Rewrite the group's attention output ``[b, H, N, d]`` (``sdpa``: the fused attention function)."""
+        return out
 
     def finish(self, info: AttentionInfo) -> None:
         """Called once per intercepted call after every group was processed."""
@@ -173,6 +182,9 @@ class EditScope:
         n_img = q.shape[2] if self.arch.token_layout == "image_only" else call.num_image_tokens
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         info = AttentionInfo(call.layer, n_img, plan.grid, self.arch, scale)
+        for g, edits in edited:
+            for e in edits:
+                e.prepare(q[g.rows], k[g.rows], info, (g.start, g.stop))
         modifying = [(g, e) for g, e in edited if any(x.modifies_output for x in e)]
         seen = []
         if not any(x.needs_probs or x.uses_mask for _, e in edited for x in e):
@@ -188,6 +200,11 @@ class EditScope:
                 if modifying:
                     q_new[g.rows] = qg
             out = sdpa(q_new, k, v, attn_mask=a["attn_mask"], scale=a["scale"]) if modifying else sdpa(*args, **kwargs)
+            for g, edits in edited:
+                for e in edits:
+                    if e.edits_output:
+                        out[g.rows] = e.output(out[g.rows], q_new[g.rows], k[g.rows], v[g.rows], info,
+                                               (g.start, g.stop), sdpa)
             for e in seen:
                 e.finish(info)
             return out
@@ -214,12 +231,21 @@ class EditScope:
         for m in (e.mask(q, k, info) for e in edits):
             if m is not None:
                 mask = m if mask is None else mask + m
+        if not modifies and not any(e.needs_probs for e in edits):
+            return None
         if not any(e.needs_probs for e in edits):
-            return sdpa(q, k, v, attn_mask=mask, scale=a["scale"]) if modifies else None
-        p = attention_probs(q, k, info.scale, info.arch.scale_queries_first, mask)
+            out = sdpa(q, k, v, attn_mask=mask, scale=a["scale"])
+        else:
+            p = attention_probs(q, k, info.scale, info.arch.scale_queries_first, mask)
+            for e in edits:
+                p = e.probs(p, info, rows)
+            if not modifies:
+                return None
+            out = (p @ v).to(q.dtype)
         for e in edits:
-            p = e.probs(p, info, rows)
-        return (p @ v).to(q.dtype) if modifies else None
+            if e.edits_output:
+                out = e.output(out, q, k, v, info, rows, sdpa)
+        return out
 
     # -- blocks ------------------------------------------------------------------------------------
     def _groups_for_block(self, layer: int):

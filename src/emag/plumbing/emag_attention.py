@@ -9,10 +9,15 @@ same state can be fed from one batched pass, from two groups of one pass, or fro
   the score ``D = mean|E - R|`` over all EMA rows is computed before (SD3) or after (DiT) the update
   and finalised once per intercepted call, exactly as one update of the whole tensor would give it.
 - :class:`EMAGReplace` replaces the tracked rows (full) or image queries (q) by ``E``.
+
+The full-map EMA is held dense (``[R, H, N_i, N_k]``, as the reference) or factored (the past queries and
+keys, see :mod:`emag.math.factored_ema`): then no map is ever materialised whole, the feed computes the
+score by a tiled reduction and the replacement rewrites the fused attention output with ``E V``.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +25,7 @@ from torch import Tensor
 
 from ..config import ResolvedEMAG
 from ..math.ema import blend, ema_update_, renormalize_rows, row_entropy
+from ..math.factored_ema import StoredUpdate, decay_and_append, factored_output, factored_statistics
 from ..math.selection import select_layers, select_layers_per_row
 from .edits import AttentionEdit, AttentionInfo
 
@@ -34,8 +40,38 @@ class LayerState:
     score_rows: Tensor | None = None  # [R], for per-sample selection
     entropy: Tensor | None = None  # [R] mean row entropy of the last observed map
     updates: int = 0
+    stored: list[StoredUpdate] = field(default_factory=list)  # factored storage: the past Q, K and weights
+    elements_per_row: int = 0  # factored storage: H * N_i * N_k
     _diff: Tensor | None = None  # |E - R| of the current call, assembled row by row
+    _diff_sum: Tensor | None = None  # factored storage: sum |E - R| per EMA row, float64
     _entropy: Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        dense = 0 if self.ema is None else self.ema.numel() * self.ema.element_size()
+        return dense + sum(u.nbytes for u in self.stored)
+
+
+def dense_budget_bytes(device: torch.device) -> int:
+    """The most memory ``ema_storage="auto"`` lets dense full-map EMAs take: a quarter of what is free.
+
+    CUDA: a quarter of ``torch.cuda.mem_get_info``'s free memory at the first feed of the call; other
+    devices: a quarter of the available physical memory.
+    """
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 4 << 30
+
+
+def _compact(t: Tensor) -> Tensor:
+    """``t`` itself, or a copy when it is a view that would keep a larger tensor alive."""
+    t = t.detach()
+    if not t.is_contiguous() or t.untyped_storage().nbytes() > t.numel() * t.element_size():
+        return t.contiguous() if not t.is_contiguous() else t.clone()
+    return t
 
 
 @dataclass
@@ -46,6 +82,8 @@ class EMAGState:
     ema_rows: int
     score_timing: str  # "before" (SD3) or "after" (DiT)
     states: dict[int, LayerState] = field(default_factory=dict)
+    storage: str | None = None  # "dense" or "factored", fixed at the first intercepted call
+    stored_updates: int | None = None  # distinct (Q, K) updates per EMA row the call will store, if known
 
     def __post_init__(self) -> None:
         if self.score_timing not in ("before", "after"):
@@ -71,7 +109,81 @@ class EMAGState:
     def scores(self) -> dict[int, float | None]:
         return {l: (None if s.score is None else float(s.score.median())) for l, s in self.states.items()}
 
+    # -- storage -------------------------------------------------------------------------------------
+    def resolve_storage(self, q: Tensor, k: Tensor, info: AttentionInfo) -> str:
+        """Fix dense or factored storage for this call from the map size (``ema_storage="auto"``).
+
+        Auto chooses factored storage only when the dense maps of all candidate blocks exceed
+        :func:`dense_budget_bytes` AND the factored state of the whole call (``stored_updates`` past
+        queries and keys per row) is smaller than the dense one: it pays for large maps and few steps
+        (e.g. SD3 at 1024 px and above), not for long DiT schedules.
+        """
+        if self.storage is None:
+            cfg = self.config
+            if cfg.variant != "full":
+                self.storage = "dense"
+            elif cfg.ema_storage != "auto":
+                self.storage = cfg.ema_storage
+            elif cfg.rows != "image_rows":
+                self.storage = "dense"
+            else:
+                itemsize = torch.empty((), dtype=cfg.ema_dtype).element_size()
+                per_layer = self.ema_rows * q.shape[1] * info.num_image_tokens * k.shape[2] * itemsize
+                dense = 2 * per_layer * len(cfg.layers)  # the EMA and the call's |E - R|
+                factored = 0
+                if self.stored_updates is not None:
+                    per_update = q.shape[1] * (info.num_image_tokens + k.shape[2]) * q.shape[3] * q.element_size()
+                    factored = self.stored_updates * self.ema_rows * per_update * len(cfg.layers)
+                pays = factored < dense
+                self.storage = "factored" if pays and dense > dense_budget_bytes(q.device) else "dense"
+        return self.storage
+
+    @property
+    def factored(self) -> bool:
+        return self.storage == "factored"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the EMA state now (dense maps or stored queries/keys)."""
+        return sum(s.nbytes for s in self.states.values())
+
     # -- feeding -------------------------------------------------------------------------------------
+    def _first_rows(self, st: LayerState, layer: int, ema_rows: slice) -> bool:
+        idx = torch.arange(self.ema_rows)[ema_rows]
+        if bool(st.filled[idx].all()):
+            return False
+        if bool(st.filled[idx].any()):
+            raise RuntimeError(f"EMAG block {layer}: a feed covers partly initialised EMA rows.")
+        st.filled[idx] = True
+        return True
+
+    def feed_factored(self, layer: int, query: Tensor, key: Tensor, ema_rows: slice, info: AttentionInfo) -> None:
+        """:meth:`feed` for factored storage: record the live ``(Q, K)``; the score by a tiled reduction."""
+        st = self.states[layer]
+        if st.filled is None:
+            st.filled = torch.zeros(self.ema_rows, dtype=torch.bool)
+            st.elements_per_row = query.shape[1] * query.shape[2] * key.shape[2]
+        if query.shape[1] * query.shape[2] * key.shape[2] != st.elements_per_row:
+            raise RuntimeError(f"EMAG block {layer}: the attention map changed size within one call.")
+        if st._diff_sum is None:
+            st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64)
+            st._entropy = torch.zeros(self.ema_rows, dtype=torch.float64) if self.need_entropy else None
+        first = self._first_rows(st, layer, ema_rows)
+        acc = torch.float64 if self.config.ema_dtype == torch.float64 else torch.float32
+        stats = dict(scale=info.scale, scale_queries_first=info.arch.scale_queries_first, acc_dtype=acc)
+        query, key = _compact(query), _compact(key)
+        dev = ent = None
+        if self.score_timing == "before" or first:
+            dev, ent = factored_statistics(st.stored, ema_rows, query, key, want_deviation=not first,
+                                           want_entropy=self.need_entropy, **stats)
+        decay_and_append(st.stored, ema_rows, query, key, self.config.beta, first, self.ema_rows)
+        if self.score_timing == "after" and not first:
+            dev, ent = factored_statistics(st.stored, ema_rows, query, key, want_deviation=True,
+                                           want_entropy=self.need_entropy, **stats)
+        st._diff_sum[ema_rows] = 0.0 if dev is None else dev.cpu()
+        if self.need_entropy:
+            st._entropy[ema_rows] = ent.cpu()
+
     def feed(self, layer: int, live: Tensor, ema_rows: slice) -> None:
         """Feed ``live`` (the rows ``ema_rows`` of the EMA) into block ``layer``'s EMA (emag.md section 3)."""
         st = self.states[layer]
@@ -106,6 +218,15 @@ class EMAGState:
     def finish(self, layer: int) -> None:
         """Close one intercepted call: the score over ALL EMA rows, as one whole-tensor update gives it."""
         st = self.states[layer]
+        if st._diff_sum is not None:  # factored storage
+            st.score = st._diff_sum.sum() / (self.ema_rows * st.elements_per_row)
+            if self.config.per_sample:
+                st.score_rows = st._diff_sum / st.elements_per_row
+            if self.need_entropy:
+                st.entropy = st._entropy
+            st.updates += 1
+            st._diff_sum = st._entropy = None
+            return
         if st._diff is None:
             return
         st.score = st._diff.mean()
@@ -116,12 +237,24 @@ class EMAGState:
         st.updates += 1
         st._diff = st._entropy = None
 
-    def replacement(self, layer: int, live: Tensor, ema_rows: slice) -> Tensor:
+    def _check_fed(self, layer: int, ema_rows: slice) -> LayerState:
         st = self.states[layer]
-        if st.ema is None or not bool(st.filled[torch.arange(self.ema_rows)[ema_rows]].all()):
+        if st.filled is None or not bool(st.filled[torch.arange(self.ema_rows)[ema_rows]].all()):
             raise RuntimeError(f"EMAG block {layer} was chosen for replacement before its EMA was fed; "
                                "the replacement window must not start before the EMA window.")
+        return st
+
+    def replacement(self, layer: int, live: Tensor, ema_rows: slice) -> Tensor:
+        st = self._check_fed(layer, ema_rows)
         return blend(st.ema[ema_rows], live, self.config.blend)
+
+    def replacement_output(self, layer: int, live_out: Tensor, value: Tensor, ema_rows: slice, sdpa,
+                           scale: float) -> Tensor:
+        """Factored storage: the tracked rows' output ``lambda E V + (1 - lambda) R V`` in ``live_out``'s dtype."""
+        st = self._check_fed(layer, ema_rows)
+        ev = factored_output(st.stored, ema_rows, value, sdpa, scale)
+        lam = self.config.blend
+        return (lam * ev + (1.0 - lam) * live_out.float()).to(live_out.dtype) if lam != 1.0 else ev.to(live_out.dtype)
 
 
 def _tracked(p: Tensor, n_img: int, rows: str) -> Tensor:
@@ -142,12 +275,21 @@ class EMAGFeed(AttentionEdit):
 
     def __init__(self, state: EMAGState, layer: int, ema_rows: slice, repeats: int = 1) -> None:
         self.state, self.layer, self.ema_rows, self.repeats = state, layer, ema_rows, repeats
-        self.needs_probs = state.config.variant == "full"
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.state.config.variant == "full" and not self.state.factored
+
+    def prepare(self, q, k, info: AttentionInfo, rows) -> None:
+        self.state.resolve_storage(q, k, info)
 
     def query(self, q, k, v, info: AttentionInfo, rows):
         if self.state.config.variant == "q":
             for _ in range(self.repeats):
                 self.state.feed(self.layer, q[:, :, :info.num_image_tokens], self.ema_rows)
+        elif self.state.factored:
+            for _ in range(self.repeats):
+                self.state.feed_factored(self.layer, q[:, :, :info.num_image_tokens], k, self.ema_rows, info)
         return q
 
     def probs(self, p, info: AttentionInfo, rows):
@@ -165,7 +307,26 @@ class EMAGReplace(AttentionEdit):
     def __init__(self, state: EMAGState, layer: int, ema_rows: slice, mask: bool | Tensor = True) -> None:
         self.state, self.layer, self.ema_rows = state, layer, ema_rows
         self.row_mask = mask[ema_rows] if isinstance(mask, Tensor) else None
-        self.needs_probs = state.config.variant == "full"
+
+    @property
+    def needs_probs(self) -> bool:
+        return self.state.config.variant == "full" and not self.state.factored
+
+    @property
+    def edits_output(self) -> bool:
+        return self.state.factored
+
+    def prepare(self, q, k, info: AttentionInfo, rows) -> None:
+        self.state.resolve_storage(q, k, info)
+
+    def output(self, out, q, k, v, info: AttentionInfo, rows, sdpa):
+        """Factored storage: the image-query rows of the output become ``E V`` (text rows stay live)."""
+        n = info.num_image_tokens
+        live = out[:, :, :n]
+        new = self.state.replacement_output(self.layer, live, v, self.ema_rows, sdpa, info.scale)
+        edited = out.clone()
+        edited[:, :, :n] = self._masked(new, live)
+        return edited
 
     def _masked(self, new: Tensor, old: Tensor) -> Tensor:
         if self.row_mask is None:
