@@ -37,6 +37,9 @@ SPACES = ("x0", "native")
 #      momentum -0.5), with the paper's reverse momentum (guidance-methods.md 2.2).
 # DiT: the EMAG reference DiT APG (norm_threshold 5, eta 0); its guidance scale is not recorded in our
 #      notes, so the scale defaults to the DiT preset's CFG scale 1.5 [unverified].
+# Checked (2026-11, secondary sources quoting the paper; its Table 10 was not reachable offline): eta = 0
+# is the paper's recommendation; SDXL uses r = 15 and beta = -0.5 (diffusers PR 9626), EDM2-XL r = 2.5;
+# whether the paper has SD3 or DiT-XL/2 rows, and their values, was not found [unverified].
 # The RMS thresholds are the absolute ones divided by sqrt(numel) of the reference latent (SD3 1024 px:
 # 16 x 128 x 128; DiT 256 px: 4 x 32 x 32), i.e. the same clamp at the reference resolution.
 APG_DEFAULTS: dict[str, dict[str, float]] = {

@@ -10,7 +10,11 @@ replaced by (guidance-methods.md 3.1)
 
 so early (noisy) steps see a noisier condition, which raises diversity at high guidance scales. The
 algorithm is as in the A1111 extension ``v0xie/sd-webui-cads``, which follows the paper's appendix
-code; the paper's pseudo-code itself was not read [unverified]. CADS adds no forward pass and no
+code; the formulas above agree with a paper note of arXiv 2310.17347 (Eqs. 1-4; checked 2026-11), the
+paper's per-task table (Appendix G, Table 12: DiT-XL/2 tau1, tau2, s, psi) was not reachable offline
+[unverified], and neither was its wording on which branch is noised (third-party implementations
+disagree: the A1111 extension noises cond and uncond, ComfyUI-CADS defaults to uncond). No official
+code exists. CADS adds no forward pass and no
 combine term: it rewrites the conditioning every branch of the step is fed.
 """
 

@@ -12,8 +12,16 @@ unconditional models). The concrete codification followed here is ACE-Step's [sr
 blocks. The EMAG reference code's ERG baseline (queries scaled by tau_i = 0.01, then a "multistep"
 attention update ``q <- q - gamma (q - alpha Attn(q, K, V))`` with alpha = gamma = 1 and one step,
 whose result is the block's attention output) reduces exactly to this: the output is
-``Attn(tau q, K, V)``. [unverified] The paper's own per-model tau, block ranges and other step sizes were
-not checked against the paper; C-ERG (the weakened text encoder) is not implemented.
+``Attn(tau q, K, V)``.
+
+Checked (2026-11; the paper's body was not reachable offline, only its abstract and a paper note): the
+paper has two parts, I-ERG (attention temperature in the denoiser, from a kick-off step on, on selected
+layers) and C-ERG (temperature on the self-attention of every text-encoder layer, for the whole
+sampling run, giving a "blurred" condition); its per-model tau and layer choices were not found
+[unverified], nor a default scale. No official code exists; ACE-Step (the codification followed here)
+scales the query projections by 0.01 in denoiser blocks 15-19, lyric-encoder layers 4-5 and UMT5 text
+encoder layers 8-10. ``text_tau`` below adds C-ERG the same way: the text encoders' query projections
+of a band of layers are scaled (:mod:`emag.text_weakening`).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from torch import Tensor
 
 from ..layers import LayerSpec, format_layers, parse_layers
 from ..plumbing.edits import AttentionEdit, AttentionInfo
+from ..plumbing.text_weakening import TextWeakening
 from ..windows import StepContext
 from .base import Branch, GuidanceConfig, Setup, TermRuntime, window_of
 from .perturbation import WeakGuidanceRuntime, check_weak_scale, resolve_layers
@@ -76,6 +85,13 @@ class ERG(GuidanceConfig):
         condition: ``"cond"`` (default, the paper's I-ERG on the conditional input) or ``"uncond"``
             (ACE-Step's style: a temperature-weakened pass on the negative / null condition).
         queries: ``"image"`` (default) or ``"all"`` (also the text queries of SD3's joint attention).
+        text_tau: C-ERG (text models only): the prompt of the weak branch is encoded once more with the
+            query projections of the text encoders' layers in ``text_depth`` scaled by ``text_tau`` in
+            (0, 1]. ``None`` (default): off. The paper's values were not found [unverified].
+        text_depth: ``(start, stop)`` fractions of each text encoder's depth whose layers are weakened,
+            ``start <= i / n < stop``. Default ``(2/3, 11/12)``: ACE-Step's UMT5 layers 8-10 of 12 (CLIP-L
+            8-10, CLIP-G 22-29, T5-XXL 16-21); the paper note says every layer, ``(0, 1)``.
+        ``tau=1`` with ``text_tau`` set gives C-ERG alone (no denoiser edit).
     """
 
     scale: float | None = None
@@ -84,6 +100,8 @@ class ERG(GuidanceConfig):
     window: Any = None
     condition: str = "cond"
     queries: str = "image"
+    text_tau: float | None = None
+    text_depth: tuple[float, float] = (2 / 3, 11 / 12)
 
     def __post_init__(self) -> None:
         check_weak_scale(self.scale)
@@ -97,11 +115,26 @@ class ERG(GuidanceConfig):
         if self.layers is not None:
             object.__setattr__(self, "layers", parse_layers(self.layers))
         window_of(self.window)
+        if self.text_tau is not None:
+            if isinstance(self.text_tau, bool) or not isinstance(self.text_tau, (int, float)) \
+                    or math.isnan(self.text_tau) or not 0 < self.text_tau <= 1:
+                raise ValueError(f"`text_tau` must be in (0, 1] or None (C-ERG off), got {self.text_tau!r}.")
+        if isinstance(self.text_depth, list):
+            object.__setattr__(self, "text_depth", tuple(self.text_depth))
+        TextWeakening(self.condition, 1.0, self.text_depth)  # validates the depth band
 
     def needs_negative(self) -> bool:
         return self.condition == "uncond"
 
+    def text_conditions(self) -> list[TextWeakening]:
+        """C-ERG: the weakened text condition the weak branch is fed (none when ``text_tau`` is None)."""
+        if self.text_tau is None:
+            return []
+        return [TextWeakening(self.condition, float(self.text_tau), self.text_depth)]
+
     def runtime(self, setup: Setup) -> TermRuntime:
+        if self.text_tau is not None and setup.family != "sd3":
+            raise ValueError(f"ERG `text_tau` (C-ERG) weakens a text encoder; the {setup.family} model has none.")
         layers = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "ERG")
         return ERGRuntime(self, window_of(self.window), layers, setup)
 
@@ -112,14 +145,17 @@ class ERGRuntime(WeakGuidanceRuntime):
         self.layers = layers
 
     def attention_layers(self) -> set[int]:
-        return set(self.layers)
+        return set(self.layers) if self.config.tau != 1 else set()
 
     def make_branch(self, ctx: StepContext) -> Branch:
-        edits = {l: [ScaleQueries(self.config.tau, self.config.queries)] for l in self.layers}
-        return Branch(self.branch_name, self.config.condition, stage=0, attention=edits)
+        edits = {l: [ScaleQueries(self.config.tau, self.config.queries)] for l in self.attention_layers()}
+        texts = self.config.text_conditions()
+        return Branch(self.branch_name, texts[0].name if texts else self.config.condition, stage=0, attention=edits)
 
     def describe(self) -> dict:
         d = super().describe()
         d["layers"] = format_layers(self.layers)
+        if self.config.text_tau is not None:
+            d["text_tau"], d["text_depth"] = self.config.text_tau, list(self.config.text_depth)
         d["role"] = self.kind
         return d

@@ -49,7 +49,7 @@ METHODS: dict[str, MethodInfo] = {m.name: m for m in [
     MethodInfo("sag", ".sag", "SAG", "Hong et al., ICCV 2023, arXiv 2210.00939", "+1 (sequential)",
                "input: x0 blurred where attention concentrates, re-noised", "additive"),
     MethodInfo("erg", ".erg", "ERG", "Ifriqi et al., NeurIPS 2025, arXiv 2504.13987", "+1 (replaces uncond)",
-               "attention temperature (queries scaled)", "uncond"),
+               "attention temperature (queries scaled); C-ERG: text-encoder queries (text_tau)", "uncond"),
     MethodInfo("s2", ".s2", "S2", "Chen et al., ICLR 2026, arXiv 2508.12880", "+1",
                "random blocks dropped, new mask per step", "additive"),
     MethodInfo("slg", ".slg", "SLG", "Stability AI SD3.5 reference (skip-layer guidance)", "+1 inside its window",
@@ -91,7 +91,7 @@ def _convert(cls: type, field: dataclasses.Field, text: str) -> Any:
         return None
     if name in ("layers",):
         return parse_layers(text)
-    if name in ("window", "ema_window", "apply_window", "interval"):
+    if name in ("window", "ema_window", "apply_window", "interval", "text_depth"):
         parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
         if len(parts) != 2:
             raise ValueError(f"{name} expects two numbers START,STOP, got {text!r}.")

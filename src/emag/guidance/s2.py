@@ -2,11 +2,18 @@
 
 The weak model is a random SUB-NETWORK of the model itself: a random subset of transformer blocks is
 dropped (identity on both streams), with a new random subset at every step, on the conditional input
-(guidance-methods.md 8). Two combine forms circulate; the paper's equation was not checked [unverified]:
+(guidance-methods.md 8). Two combine forms circulate:
 
 - ``"contrastive"`` (default): ``D += omega (c - c_sub)``, coefficients sum to one, so the result is the
-  same in every parametrisation [3rd-party: ComfyUI-BerniniR]; omega 1.0.
-- ``"literal"``: ``D += -omega c_sub`` [3rd-party: forge / Fooocus ``make_s2_modifier``, omega 0.25]. Its
+  same in every parametrisation; omega 1.0 [3rd-party: ComfyUI-BerniniR]. Checked (2026-11, via a paper
+  note of arXiv 2508.12880; the paper's PDF body was not reachable offline): this IS the paper's
+  practical equation ``D = D_u + lambda (D_c - D_u) - omega (D_sub(c, m_t) - D_c)``, one new random mask
+  ``m_t`` per step on the conditional input; its "naive" form averages ``N`` masks per step. The note
+  reports about 10 % of blocks dropped (the first block excluded) and use over roughly the middle 80 % of
+  noise levels; the paper's default omega was not found [unverified]. The official repository
+  (AMAP-ML/S2-Guidance) has no code.
+- ``"literal"``: ``D += -omega c_sub`` [3rd-party: forge / Fooocus ``make_s2_modifier``, omega 0.25; it
+  drops the ``+ omega D_c`` of the paper's equation, so it is NOT the paper's form]. Its
   coefficients sum to ``1 - omega``, so it shrinks the prediction and depends on the space it is applied
   in (``space="native"``: eps for DiT, velocity for SD3; or ``"x0"``).
 

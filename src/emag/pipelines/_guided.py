@@ -42,6 +42,16 @@ def uses_uncond(terms: Sequence[Any]) -> bool:
     return any(needs_negative(t) for t in terms)
 
 
+def text_weakenings(terms: Sequence[Any]) -> list:
+    """The weakened text conditions the terms' branches use (C-ERG), without duplicates."""
+    seen = {}
+    for t in terms:
+        fn = getattr(t, "text_conditions", None)
+        for w in (fn() if callable(fn) else []):
+            seen.setdefault(w.name, w)
+    return list(seen.values())
+
+
 def guided_channels_of(terms: Sequence[Any], channels: int) -> int:
     values = {t.guided_channels for t in terms if getattr(t, "guided_channels", None) is not None}
     if len(values) > 1:

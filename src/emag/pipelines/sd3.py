@@ -24,8 +24,10 @@ from ..guidance.base import Setup
 from ..parametrization import FlowMatching
 from ..plumbing.architectures import architecture_of
 from ..plumbing.backbones import SD3Backbone, TextCondition
+from ..plumbing.text_weakening import TextWeakening, scaled_queries
 from ..windows import StepContext
-from ._guided import build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, uses_uncond
+from ._guided import (build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, text_weakenings,
+                      uses_uncond)
 
 
 class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
@@ -98,6 +100,8 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
             raise NotImplementedError("Use emag.SLG(...) in `guidance=[...]` instead of skip_guidance_layers.")
         self._guidance_scale = guidance_scale
         has_uncond = uses_uncond(terms)
+        weak_texts = text_weakenings(terms)
+        self._check_weak_text_inputs(weak_texts, prompt, negative_prompt, negative_prompt_embeds)
 
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
@@ -165,6 +169,11 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         conditions = {"cond": TextCondition(prompt_embeds, pooled_prompt_embeds)}
         if has_uncond:
             conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
+        for w in weak_texts:
+            conditions[w.name] = self._encode_weakened(
+                w, batch_size, (prompt, prompt_2, prompt_3), (negative_prompt, negative_prompt_2, negative_prompt_3),
+                device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
+                max_sequence_length=max_sequence_length, lora_scale=lora_scale)
         channels = self.transformer.config.out_channels
         engine = make_engine(runtimes, lambda m: SD3Backbone(m, self.joint_attention_kwargs),
                              conditions, self.transformer, arch, channels, guided_channels_of(terms, channels),
@@ -213,3 +222,35 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
             return (image,)
         return StableDiffusion3PipelineOutput(images=image)
 
+    # -- weakened text conditions (ERG's C-ERG) ------------------------------------------------------
+    def _text_encoders(self) -> list:
+        return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
+
+    def _check_weak_text_inputs(self, weak_texts: list[TextWeakening], prompt, negative_prompt,
+                                negative_prompt_embeds) -> None:
+        if not weak_texts:
+            return
+        if not self._text_encoders():
+            raise ValueError("ERG `text_tau` (C-ERG) re-encodes the prompt with weakened text encoders, but this "
+                             "pipeline was loaded without text encoders.")
+        if any(w.source == "cond" for w in weak_texts) and prompt is None:
+            raise ValueError("ERG `text_tau` (C-ERG) re-encodes the prompt with weakened text encoders: pass "
+                             "`prompt` (text), not only `prompt_embeds`.")
+        if any(w.source == "uncond" for w in weak_texts) and negative_prompt is None \
+                and negative_prompt_embeds is not None:
+            raise ValueError("ERG `text_tau` with condition='uncond' re-encodes the negative prompt: pass "
+                             "`negative_prompt` (text), not only `negative_prompt_embeds`.")
+
+    def _encode_weakened(self, w: TextWeakening, batch_size: int, prompts: tuple, negatives: tuple,
+                         **encode_kwargs) -> TextCondition:
+        """The ``w.source`` prompt encoded with the text encoders' queries scaled by ``w.tau`` in ``w.depth``."""
+        if w.source == "cond":
+            p1, p2, p3 = prompts
+        else:  # the base pipeline's defaults for the negative prompts
+            p1 = negatives[0] or ""
+            p2, p3 = negatives[1] or p1, negatives[2] or p1
+            p1, p2, p3 = ([p] * batch_size if isinstance(p, str) else p for p in (p1, p2, p3))
+        with scaled_queries(self._text_encoders(), w.tau, w.depth):
+            embeds, _, pooled, _ = self.encode_prompt(prompt=p1, prompt_2=p2, prompt_3=p3,
+                                                      do_classifier_free_guidance=False, **encode_kwargs)
+        return TextCondition(embeds, pooled)
