@@ -179,3 +179,23 @@ def test_auto_batching_is_normal_on_cpu(pipe):
     assert torch.equal(auto, pipe(**kw(guidance=g, batching="normal")).images)
     with pytest.raises(ValueError, match="batching"):
         pipe(**kw(guidance=g, batching="everything"))
+
+
+def test_auto_batching_decision(pipe, monkeypatch):
+    """The GPU side of `batching="auto"`, simulated: with a measured activation size per row, one pass
+    over every branch when 1.25x its size fits in the free memory, the normal split otherwise."""
+    from emag import engine as engine_module
+    from emag.guidance.base import Branch
+
+    g = [emag.CFG(5.0), emag.PAG(3.0, layers=[2])]
+    pipe(**kw(guidance=g, batching="auto"))
+    engine = pipe.guidance_engine
+    todo = [Branch("uncond", "uncond"), Branch("cond", "cond"), Branch("pag:2", "cond")]
+    rows = 3 * engine.conditions["cond"].embeds.shape[0]
+    engine._bytes_per_row = 1000.0
+    monkeypatch.setattr(engine_module, "free_accelerator_memory", lambda: int(1000 * rows * 1.25) + 1)
+    assert [[b.name for b in p] for p in engine._passes(todo, ["uncond", "cond"])] == [["uncond", "cond", "pag:2"]]
+    monkeypatch.setattr(engine_module, "free_accelerator_memory", lambda: int(1000 * rows * 1.25) - 1)
+    assert [[b.name for b in p] for p in engine._passes(todo, ["uncond", "cond"])] == [["uncond", "cond"], ["pag:2"]]
+    monkeypatch.setattr(engine_module, "free_accelerator_memory", lambda: None)  # no CUDA
+    assert len(engine._passes(todo, ["uncond", "cond"])) == 2

@@ -58,6 +58,13 @@ class Predictions(Mapping):
         return p if self.space == "x0" else self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], p)
 
 
+def free_accelerator_memory() -> int | None:
+    """Free bytes on the current CUDA device, or None without CUDA (``batching="auto"``)."""
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.mem_get_info()[0]
+
+
 @dataclass
 class GuidanceEngine:
     runtimes: list[TermRuntime]
@@ -146,12 +153,12 @@ class GuidanceEngine:
         statistics); until it is known, and on the CPU, the policy is ``"normal"``.
         """
         per_row = getattr(self, "_bytes_per_row", None)
-        if per_row is None or not torch.cuda.is_available():
+        free = free_accelerator_memory() if per_row is not None else None
+        if free is None:
             return "normal"
         cond = self.conditions["cond"]
         samples = (cond.labels if hasattr(cond, "labels") else cond.embeds).shape[0]
         rows = samples * len(branches)
-        free, _ = torch.cuda.mem_get_info()
         return "all" if per_row * rows * 1.25 < free else "normal"
 
     def _measure(self, device, rows: int, before: int) -> None:
