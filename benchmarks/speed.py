@@ -3,8 +3,9 @@
 Builds random-weight transformers with real configurations (no download) or loads real weights when
 a folder is given, runs CFG, EMAG (full, with dense and with factored EMA storage), EMAG-Q, PAG, SEG and
 the straightforward EMAG path round-robin on identical inputs, and prints seconds per image, the ratio to
-CFG, peak memory, the bytes held by the EMA state and the max difference of each fast path against the
-straightforward one.
+CFG (of medians and of minima: CPU timings on shared machines are noisy), the work done (batch rows x
+transformer blocks executed, relative to CFG: noise-free), peak memory, the bytes held by the EMA state
+and the max difference of each fast path against the straightforward one.
 
     python benchmarks/speed.py --size cpu-small            # CPU: 12 blocks, 256 wide, 32x32 latent
     python benchmarks/speed.py --size sd3-medium --device cuda --dtype float16 --batch 1 4
@@ -78,9 +79,11 @@ def build(size: str, device: str, dtype: torch.dtype, model: str | None):
         cls = SD3Transformer2DModel if family == "sd3" else DiTTransformer2DModel
         tr = cls.from_pretrained(model, subfolder="transformer", torch_dtype=dtype)
     elif family == "sd3":
-        tr = SD3Transformer2DModel(**kw)
+        with torch.device(device):  # initialise on the device: a 2B-parameter CPU init takes long
+            tr = SD3Transformer2DModel(**kw)
     else:
-        tr = DiTTransformer2DModel(num_embeds_ada_norm=1000, norm_type="ada_norm_zero", **kw)
+        with torch.device(device):
+            tr = DiTTransformer2DModel(num_embeds_ada_norm=1000, norm_type="ada_norm_zero", **kw)
         with torch.no_grad():  # adaLN-zero init makes every block an identity: randomise
             for name, p in tr.named_parameters():
                 if p.dim() >= 2 and p.abs().sum() == 0:
@@ -129,6 +132,19 @@ def ema_state_mib(pipe) -> float | None:
     return None
 
 
+class BlockRows:
+    """Counts batch rows x transformer blocks executed: a noise-free measure of the work of a call."""
+
+    def __init__(self, transformer):
+        self.count = 0
+        self.handles = [b.register_forward_pre_hook(self._hook, with_kwargs=True)
+                        for b in transformer.transformer_blocks]
+
+    def _hook(self, module, args, kwargs):
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self.count += int(hidden.shape[0])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", choices=sorted(SIZES), default="cpu-small")
@@ -170,12 +186,14 @@ def main(argv=None) -> int:
         else:
             inputs = dict(class_labels=list(range(batch)), latents=torch.randn(batch, 4, hw, hw, generator=g).to(args.device, dtype))
         times = {k: [] for k in table}
-        peaks, outs, states = {}, {}, {}
+        peaks, outs, states, work = {}, {}, {}, {}
+        counter = BlockRows(pipe.transformer)
         for rep in range(args.repeats + 1):  # the first round warms up and is not timed
             for name, kw in table.items():
                 if args.device.startswith("cuda"):
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
+                counter.count = 0
                 with torch.no_grad(), PeakRSS() as mem:
                     t0 = time.perf_counter()
                     out = pipe(**inputs, num_inference_steps=steps, output_type="latent", **kw).images
@@ -188,25 +206,32 @@ def main(argv=None) -> int:
                         else (mem.peak - mem.base) / 2**30)
                 peaks[name] = max(peaks.get(name, 0.0), peak)
                 states[name] = ema_state_mib(pipe)
+                work[name] = counter.count
                 outs[name] = out.float().cpu()
         cfg_t = statistics.median(times["cfg"]) if "cfg" in times else None
+        cfg_min = min(times["cfg"]) if "cfg" in times else None
         for name in table:
             med = statistics.median(times[name])
             ref = STRAIGHTFORWARD.get(name)
             diff = (outs[name] - outs[ref]).abs().max().item() if ref in outs else None
             rows.append(dict(size=args.size, batch=batch, method=name, s_per_image=med,
-                             ratio_to_cfg=(med / cfg_t) if cfg_t else None, peak_gib=peaks[name], ema_state_mib=states[name],
+                             ratio_to_cfg=(med / cfg_t) if cfg_t else None,
+                             ratio_of_minima=(min(times[name]) / cfg_min) if cfg_min else None,
+                             block_rows_ratio=(work[name] / work["cfg"]) if "cfg" in work else None, peak_gib=peaks[name], ema_state_mib=states[name],
                              max_diff_vs_straightforward=diff))
     mem_kind = "peak allocated GiB (CUDA)" if args.device.startswith("cuda") else "peak RSS growth GiB (CPU, sampled)"
     print(f"# {args.size} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}), {steps} steps, "
           f"{args.repeats} timed repeats, interleaved; torch {torch.__version__}")
-    print(f"| size | batch | method | s/image | x CFG | {mem_kind} | EMA state MiB | max diff vs straightforward |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"| size | batch | method | s/image (median) | x CFG (medians) | x CFG (minima) | block-rows x CFG | {mem_kind} "
+          "| EMA state MiB | max diff vs straightforward |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio_to_cfg']:.2f}" if r["ratio_to_cfg"] else "-"
         diff = "-" if r["max_diff_vs_straightforward"] is None else f"{r['max_diff_vs_straightforward']:.1e}"
         state = "-" if r["ema_state_mib"] is None else f"{r['ema_state_mib']:.2f}"
-        print(f"| {r['size']} | {r['batch']} | {r['method']} | {r['s_per_image']:.3f} | {ratio} | "
+        rmin = f"{r['ratio_of_minima']:.2f}" if r["ratio_of_minima"] else "-"
+        work_ratio = f"{r['block_rows_ratio']:.3f}" if r["block_rows_ratio"] else "-"
+        print(f"| {r['size']} | {r['batch']} | {r['method']} | {r['s_per_image']:.3f} | {ratio} | {rmin} | {work_ratio} | "
               f"{r['peak_gib']:.3f} | {state} | {diff} |")
     if args.json:
         with open(args.json, "w") as f:

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The prepared GPU benchmark (issue 4): SD3-Medium size at 1024 px (batch 1 and 4) and DiT-XL/2 at 256 and
+# 512 px, random weights, float16, transformer only. Sized for one H200 run of under 8 minutes.
+#
+# On a machine with CUDA, torch, and the packages of pyproject.toml:
+#     OUT=benchmarks/results bash benchmarks/gpu_run.sh
+# On this workplace's lent GPU machine (no diffusers there; carry it as wheels, see the device README):
+#     here, once:  echo /.whl/ >> .git/info/exclude
+#                  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#                      --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
+#     device run:  carry [".whl"], command "bash benchmarks/gpu_run.sh", timeout_s 560
+# Results (tables and JSON) land in $OUT; commit them to benchmarks/results/ with this command line.
+set -uo pipefail
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
+python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" >> "$OUT/gpu.txt"
+
+bench() {  # name, then speed.py arguments; each run is capped so one slow case cannot eat the lease
+    local name=$1; shift
+    timeout 170 python3 benchmarks/speed.py --device cuda --dtype float16 "$@" --json "$OUT/$name.json" \
+        2>&1 | grep -v "Casting directly" | tee "$OUT/$name.txt"
+}
+bench h200_sd3_medium_b1 --size sd3-medium --batch 1 --repeats 2
+bench h200_sd3_medium_b4 --size sd3-medium --batch 4 --repeats 1 --only cfg emag-full emag-q emag-full-straightforward emag-q-straightforward
+bench h200_dit_xl_2_256 --size dit-xl-2-256 --batch 1 4 --repeats 2
+bench h200_dit_xl_2_512 --size dit-xl-2-512 --batch 1 --repeats 2
