@@ -95,3 +95,30 @@ def test_c_erg_errors(pipe):
     dit = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=4))
     with pytest.raises(ValueError, match="text encoder"):
         dit(class_labels=[1], num_inference_steps=2, output_type="latent", guidance=[emag.CFG(1.5), ERG(text_tau=0.5)])
+
+
+def test_cads_noises_the_weak_condition_with_the_conditions_draw(pipe):
+    """CADS's composition rule: the C-ERG branch gets the same noise draw as the conditional branch
+    (each annealed from its own clean embedding), recovered here with rescaling off."""
+    calls = []
+    hook = pipe.transformer.register_forward_pre_hook(
+        lambda m, a, k: calls.append(k["encoder_hidden_states"].clone()), with_kwargs=True)
+    term = ERG(tau=1.0, text_tau=0.3, text_depth=DEPTH)
+    try:
+        run(pipe, [emag.CADS(seed=3, rescale=False, noise_scale=0.5), emag.CFG(4.0), term], batching="none")
+    finally:
+        hook.remove()
+    cads = next(r for r in pipe.guidance_runtimes if r.name == "cads")
+    clean = pipe.guidance_engine.conditions
+    y, y_weak = clean["cond"].embeds, clean[term.text_conditions()[0].name].embeds
+    assert len(calls) == 6  # per step: [cond], [erg] (ERG replaces the unconditional pass)
+    noised_steps = 0
+    for step, _, gamma in cads.trace:
+        cond_in, weak_in = calls[2 * step], calls[2 * step + 1]
+        if gamma >= 1:
+            continue
+        noised_steps += 1
+        n = (cond_in - gamma ** 0.5 * y) / (0.5 * (1 - gamma) ** 0.5)
+        n_weak = (weak_in - gamma ** 0.5 * y_weak) / (0.5 * (1 - gamma) ** 0.5)
+        torch.testing.assert_close(n_weak, n, rtol=1e-4, atol=1e-4)
+    assert noised_steps >= 1

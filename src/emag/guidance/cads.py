@@ -14,7 +14,8 @@ code; the formulas above agree with a paper note of arXiv 2310.17347 (Eqs. 1-4; 
 paper's per-task table (Appendix G, Table 12: DiT-XL/2 tau1, tau2, s, psi) was not reachable offline
 [unverified], and neither was its wording on which branch is noised (third-party implementations
 disagree: the A1111 extension noises cond and uncond, ComfyUI-CADS defaults to uncond). No official
-code exists. CADS adds no forward pass and no
+code exists. Conditions derived from the noised one (C-ERG's weakened text condition) are annealed with
+the SAME draw, from their own clean value. CADS adds no forward pass and no
 combine term: it rewrites the conditioning every branch of the step is fed.
 """
 
@@ -167,17 +168,18 @@ class CADSRuntime(TermRuntime):
     def _randn(self, shape: torch.Size) -> Tensor:
         return torch.randn(tuple(shape), generator=self.generator, dtype=torch.float32)
 
-    def _noised(self, cond: Any, gamma: float) -> Any:
+    def _noised(self, cond: Any, gamma: float, noise: tuple[Tensor, Tensor] | None = None) -> tuple[Any, Any]:
+        """The noised condition and the noise used (text: drawn unless ``noise`` is given)."""
         cfg = self.config
 
         def anneal(y: Tensor, noise: Tensor) -> Tensor:
             return cads_anneal(y, gamma, noise.to(y.device), cfg.noise_scale, cfg.psi, cfg.rescale)
 
         if isinstance(cond, TextCondition):
-            n_seq, n_pool = self._randn(cond.embeds.shape), self._randn(cond.pooled.shape)
-            return TextCondition(anneal(cond.embeds, n_seq), anneal(cond.pooled, n_pool))
+            n_seq, n_pool = noise or (self._randn(cond.embeds.shape), self._randn(cond.pooled.shape))
+            return TextCondition(anneal(cond.embeds, n_seq), anneal(cond.pooled, n_pool)), (n_seq, n_pool)
         if isinstance(cond, ClassCondition):
-            return ClassCondition(cond.labels, _NoisedEmbedding(self._step_seed(), anneal, cond.embedding))
+            return ClassCondition(cond.labels, _NoisedEmbedding(self._step_seed(), anneal, cond.embedding)), None
         raise TypeError(f"CADS cannot noise a condition of type {type(cond).__name__}.")
 
     def _step_seed(self) -> int:
@@ -190,7 +192,10 @@ class CADSRuntime(TermRuntime):
         names = ("cond", "uncond") if self.config.apply_to == "cond+uncond" else ("cond",)
         for name in names:
             if name in out:
-                out[name] = self._noised(out[name], g)
+                out[name], noise = self._noised(out[name], g)
+                # conditions derived from this one (C-ERG's weakened text "cond:...") get the SAME draw
+                for derived in [k for k in out if k.startswith(name + ":")]:
+                    out[derived], _ = self._noised(out[derived], g, noise)
         return out
 
 
