@@ -82,6 +82,7 @@ def sd3_run(p, storage, fast=True, **e):
 @pytest.mark.parametrize("e", [
     dict(), dict(selection="all"), dict(per_sample=True), dict(combination="additive"),
     dict(combination="emag_only"), dict(blend=0.5), dict(ema_window=(0.0, 0.8), apply_window=(0.25, 0.6)),
+    dict(cond_only_score=True),
 ])
 def test_sd3_factored_equals_dense(sd3, fast, e):
     dense, dense_trace, st_d = sd3_run(sd3, "dense", fast, **e)
@@ -117,6 +118,9 @@ def test_dit_factored_equals_dense(dit, fast, e):
     fact, fact_trace, st = dit_run(dit, "factored", fast, **e)
     assert st.storage == "factored" and fact_trace == dense_trace and any(c for _, c in fact_trace)
     close(fact, dense)
+    if e.get("combination") == "emag_only":  # the reference's two identical null passes: stored once
+        ptrs = [u.query.data_ptr() for u in st.states[LAYERS[0]].stored]
+        assert len(set(ptrs)) * 2 == len(ptrs)
     # The tiny DiT's samples grow large while EMAG moves them little: the scores are the sharp check.
     for layer in LAYERS:
         torch.testing.assert_close(st.states[layer].score.float(), st_d.states[layer].score, rtol=1e-5, atol=0)

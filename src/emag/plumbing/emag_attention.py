@@ -49,7 +49,11 @@ class LayerState:
     @property
     def nbytes(self) -> int:
         dense = 0 if self.ema is None else self.ema.numel() * self.ema.element_size()
-        return dense + sum(u.nbytes for u in self.stored)
+        seen: dict[int, int] = {}  # repeated updates (DiT's emag_only null passes) share one stored tensor
+        for u in self.stored:
+            for t in (u.query, u.key):
+                seen[t.data_ptr()] = t.numel() * t.element_size()
+        return dense + sum(seen.values())
 
 
 def dense_budget_bytes(device: torch.device) -> int:
@@ -288,8 +292,9 @@ class EMAGFeed(AttentionEdit):
             for _ in range(self.repeats):
                 self.state.feed(self.layer, q[:, :, :info.num_image_tokens], self.ema_rows)
         elif self.state.factored:
+            q_img, k = _compact(q[:, :, :info.num_image_tokens]), _compact(k)  # once: repeats share them
             for _ in range(self.repeats):
-                self.state.feed_factored(self.layer, q[:, :, :info.num_image_tokens], k, self.ema_rows, info)
+                self.state.feed_factored(self.layer, q_img, k, self.ema_rows, info)
         return q
 
     def probs(self, p, info: AttentionInfo, rows):
