@@ -27,8 +27,14 @@ from torch import Tensor
 
 from .ema import attention_probs
 
-# The largest map tile (elements) the tiled reductions materialise at once: 64 MiB in float32.
-DEFAULT_TILE_ELEMENTS = 1 << 24
+# The largest map tile (elements) the tiled reductions materialise at once: 64 MiB in float32 on the CPU,
+# 256 MiB on an accelerator (fewer, larger kernels).
+DEFAULT_TILE_ELEMENTS = {"cpu": 1 << 24}
+ACCELERATOR_TILE_ELEMENTS = 1 << 26
+
+
+def tile_elements_for(device: torch.device) -> int:
+    return DEFAULT_TILE_ELEMENTS.get(device.type, ACCELERATOR_TILE_ELEMENTS)
 
 
 @dataclass
@@ -100,18 +106,23 @@ def factored_output(updates: Sequence[StoredUpdate], rows: slice, value: Tensor,
 def factored_statistics(updates: Sequence[StoredUpdate], rows: slice, query: Tensor, key: Tensor, scale: float,
                         scale_queries_first: bool, want_deviation: bool, want_entropy: bool,
                         acc_dtype: torch.dtype = torch.float32,
-                        tile_elements: int = DEFAULT_TILE_ELEMENTS) -> tuple[Tensor | None, Tensor | None]:
+                        tile_elements: int | None = None) -> tuple[Tensor | None, Tensor | None]:
     """Per EMA row of ``rows``: ``sum |E - R|`` over (head, query, key) and the mean row entropy of ``R``.
 
     ``R = softmax(query key^T s)`` is the live map of those rows (computed in the query dtype, as the
     dense path does), ``E`` the EMA held by ``updates``. The maps are built ``T`` query rows at a time,
-    ``T`` chosen so that one tile holds at most ``tile_elements`` elements. Returns float64 ``[r]``
-    tensors (or None when not wanted).
+    ``T`` chosen so that one tile holds at most ``tile_elements`` elements (default: by device, see
+    :func:`tile_elements_for`). Returns float64 ``[r]`` tensors (or None when not wanted).
     """
     r, h, nq, _ = query.shape
     nk = key.shape[2]
-    tile = max(1, tile_elements // max(1, r * h * nk))
     dev = query.device
+    tile = max(1, (tile_elements or tile_elements_for(dev)) // max(1, r * h * nk))
+    terms = []  # (rows in this call, rows in the update, weights on the device, update), built once
+    for u in updates if want_deviation else ():
+        ov = _overlap(rows, u.rows)
+        if ov is not None:
+            terms.append((_shift(ov, rows.start), _shift(ov, u.rows.start), _weights(u, ov, acc_dtype, dev), u))
     dev_sum = torch.zeros(r, dtype=torch.float64, device=dev) if want_deviation else None
     ent_sum = torch.zeros(r, dtype=torch.float64, device=dev) if want_entropy else None
     for t0 in range(0, nq, tile):
@@ -122,12 +133,8 @@ def factored_statistics(updates: Sequence[StoredUpdate], rows: slice, query: Ten
         if not want_deviation:
             continue
         ema = torch.zeros_like(live)
-        for u in updates:
-            ov = _overlap(rows, u.rows)
-            if ov is None:
-                continue
-            loc, own = _shift(ov, rows.start), _shift(ov, u.rows.start)
+        for loc, own, w, u in terms:
             past = attention_probs(u.query[own][:, :, tq], u.key[own], scale, scale_queries_first)
-            ema[loc] += _weights(u, ov, acc_dtype, dev) * past.to(acc_dtype)
+            ema[loc] += w * past.to(acc_dtype)
         dev_sum += (ema - live).abs().sum(dim=(1, 2, 3)).double()
     return dev_sum, (None if ent_sum is None else ent_sum / (h * nq))
