@@ -203,13 +203,9 @@ class EMAGState:
             st._diff = torch.zeros_like(st.ema)
             st._entropy = torch.zeros(self.ema_rows, dtype=x.dtype, device=x.device) if self.need_entropy else None
         e = st.ema[ema_rows]
-        idx = torch.arange(self.ema_rows)[ema_rows]
-        if not bool(st.filled[idx].all()):
-            if bool(st.filled[idx].any()):
-                raise RuntimeError(f"EMAG block {layer}: a feed covers partly initialised EMA rows.")
+        if self._first_rows(st, layer, ema_rows):
             e.copy_(x)  # first update: E := R, D := 0
             st._diff[ema_rows] = 0
-            st.filled[idx] = True
         else:
             if self.score_timing == "before":
                 st._diff[ema_rows] = (e - x).abs()
