@@ -185,4 +185,4 @@ def test_cli_default_is_the_bundled_digits_model_offline(tmp_path):
     assert len(list(tmp_path.glob("0*.png"))) == 4 and (tmp_path / "grid.png").is_file()
     meta = read_png_params(tmp_path / "00002_seed2.png")
     assert meta["model"] == "bundled:digits" and meta["preset"] == "digits" and meta["condition"] == 7
-    assert meta["emag"]["layers"] == "3,4"
+    assert meta["emag"]["layers"] == "3,4" and meta["emag"]["ema_storage_used"] == "dense"

@@ -270,6 +270,9 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
             "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
             "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
         }
+        state = next((r.state for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
+        if state is not None and state.storage is not None and params["emag"] is not None:
+            params["emag"] = {**params["emag"], "ema_storage_used": state.storage}  # what "auto" chose
         yield index, out.images[0], params
 
 
