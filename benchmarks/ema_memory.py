@@ -5,11 +5,12 @@ runs anywhere in a second:
 
     python benchmarks/ema_memory.py
 
-- dense:    candidates x rows x H x N_i x N_k x bytes(EMA dtype), plus one layer's |E - R| while a
-            block is fed (the reference holds the same maps);
+- dense:    candidates x rows x H x N_i x N_k x bytes(EMA dtype) (the reference also holds one
+            layer's full |E - R| while a block is fed; we reduce it row group by row group);
 - factored: candidates x stored updates x rows x H x (N_i + N_k) x d x bytes(model dtype);
 - q:        candidates x rows x H x N_i x d x bytes(EMA dtype).
 
+Transients of one intercepted call (one branch's live map, freed after the call) are not counted.
 "rows" are the EMA rows: 2B on SD3 (the reference's doubled perturbed batch), B on DiT. Stored updates
 per row: the EMA steps of the schedule (SD3), twice that on DiT (cond, then uncond feed).
 """
@@ -44,7 +45,7 @@ def sizes(family, blocks, heads, d, n_img, n_txt, steps, batch, dtype):
     updates = len(window_steps(cfg.ema_window, steps)) * (1 if family == "sd3" else 2)
     layers = len(cfg.layers)
     dense_layer = rows * heads * n_img * n_k * ema_bytes
-    dense = layers * dense_layer + dense_layer
+    dense = layers * dense_layer
     factored = layers * updates * rows * heads * (n_img + n_k) * d * model_bytes
     q = layers * rows * heads * n_img * d * ema_bytes
     return updates, dense, factored, q

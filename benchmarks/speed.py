@@ -3,7 +3,8 @@
 Builds random-weight transformers with real configurations (no download) or loads real weights when
 a folder is given, runs CFG, EMAG (full, with dense and with factored EMA storage), EMAG-Q, PAG, SEG and
 the straightforward EMAG path round-robin on identical inputs, and prints seconds per image, the ratio to
-CFG (of medians and of minima: CPU timings on shared machines are noisy), the work done (batch rows x
+CFG (of medians, of minima, and the median of the per-round ratios, each round timing every method
+once: CPU timings on shared machines are noisy and drift), the work done (batch rows x
 transformer blocks executed, relative to CFG: noise-free), peak memory, the bytes held by the EMA state
 and the max difference of each fast path against the straightforward one.
 
@@ -113,6 +114,10 @@ def methods(family: str, n_blocks: int):
         "emag-full": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="dense", **e)]),
         "emag-q": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)]),
         "emag-full-factored": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="factored", **e)]),
+        # batching="all": the perturbed rows join the normal pass at the chosen block (one pass per step)
+        "emag-full-joined": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="dense", **e)],
+                                 batching="all"),
+        "emag-q-joined": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], batching="all"),
         "emag-full-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", **e)], fast=False),
         "emag-q-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], fast=False),
         "pag": dict(guidance=[emag.CFG(w), emag.PAG(3.0, layers=[mid])]),
@@ -121,7 +126,8 @@ def methods(family: str, n_blocks: int):
 
 
 STRAIGHTFORWARD = {"emag-full": "emag-full-straightforward", "emag-full-factored": "emag-full-straightforward",
-                   "emag-q": "emag-q-straightforward"}
+                   "emag-full-joined": "emag-full-straightforward", "emag-q": "emag-q-straightforward",
+                   "emag-q-joined": "emag-q-straightforward"}
 
 
 def ema_state_mib(pipe) -> float | None:
@@ -156,7 +162,10 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None, help="subset of method names")
     ap.add_argument("--json", default=None, help="also write the results here")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU; default: torch's)")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     family, pipe, hw, tokens = build(args.size, args.device, dtype, args.model)
     n_blocks = len(pipe.transformer.transformer_blocks)
@@ -217,21 +226,25 @@ def main(argv=None) -> int:
             rows.append(dict(size=args.size, batch=batch, method=name, s_per_image=med,
                              ratio_to_cfg=(med / cfg_t) if cfg_t else None,
                              ratio_of_minima=(min(times[name]) / cfg_min) if cfg_min else None,
+                             paired_ratio=(statistics.median(a / b for a, b in zip(times[name], times["cfg"]))
+                                           if "cfg" in times else None),
                              block_rows_ratio=(work[name] / work["cfg"]) if "cfg" in work else None, peak_gib=peaks[name], ema_state_mib=states[name],
                              max_diff_vs_straightforward=diff))
     mem_kind = "peak allocated GiB (CUDA)" if args.device.startswith("cuda") else "peak RSS growth GiB (CPU, sampled)"
-    print(f"# {args.size} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}), {steps} steps, "
-          f"{args.repeats} timed repeats, interleaved; torch {torch.__version__}")
-    print(f"| size | batch | method | s/image (median) | x CFG (medians) | x CFG (minima) | block-rows x CFG | {mem_kind} "
-          "| EMA state MiB | max diff vs straightforward |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print(f"# {args.size} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads), {steps} steps, {args.repeats} timed repeats, interleaved; "
+          f"torch {torch.__version__}")
+    print(f"| size | batch | method | s/image (median) | x CFG (medians) | x CFG (minima) | x CFG (paired) | block-rows x CFG "
+          f"| {mem_kind} | EMA state MiB | max diff vs straightforward |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ratio = f"{r['ratio_to_cfg']:.2f}" if r["ratio_to_cfg"] else "-"
         diff = "-" if r["max_diff_vs_straightforward"] is None else f"{r['max_diff_vs_straightforward']:.1e}"
         state = "-" if r["ema_state_mib"] is None else f"{r['ema_state_mib']:.2f}"
         rmin = f"{r['ratio_of_minima']:.2f}" if r["ratio_of_minima"] else "-"
+        paired = f"{r['paired_ratio']:.2f}" if r["paired_ratio"] else "-"
         work_ratio = f"{r['block_rows_ratio']:.3f}" if r["block_rows_ratio"] else "-"
-        print(f"| {r['size']} | {r['batch']} | {r['method']} | {r['s_per_image']:.3f} | {ratio} | {rmin} | {work_ratio} | "
+        print(f"| {r['size']} | {r['batch']} | {r['method']} | {r['s_per_image']:.3f} | {ratio} | {rmin} | {paired} | {work_ratio} | "
               f"{r['peak_gib']:.3f} | {state} | {diff} |")
     if args.json:
         with open(args.json, "w") as f:

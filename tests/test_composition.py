@@ -199,3 +199,24 @@ def test_auto_batching_decision(pipe, monkeypatch):
     assert [[b.name for b in p] for p in engine._passes(todo, ["uncond", "cond"])] == [["uncond", "cond"], ["pag:2"]]
     monkeypatch.setattr(engine_module, "free_accelerator_memory", lambda: None)  # no CUDA
     assert len(engine._passes(todo, ["uncond", "cond"])) == 2
+
+
+def test_suffix_branches_join_the_pass_only_with_all(pipe):
+    """batching="all" lets a branch resuming at block k join the pass of its source; "normal" and
+    "none" keep it apart, and per-row embedding rewrites (DiT CADS) prevent joining."""
+    from dataclasses import replace
+
+    from emag.guidance.base import Branch
+
+    pipe(**kw(guidance=[emag.CFG(5.0)], batching="all"))
+    engine = pipe.guidance_engine
+    todo = [Branch("uncond", "uncond"), Branch("cond", "cond"),
+            Branch("emag:cond", "cond", start_block=2, source="cond")]
+    names = lambda passes: [[b.name for b in p] for p in passes]  # noqa: E731
+    assert names(engine._passes(todo, ["uncond", "cond"])) == [["uncond", "cond", "emag:cond"]]
+    rewritten = {k: replace(v, embeds=v.embeds) for k, v in engine.conditions.items()}
+    for v in rewritten.values():
+        v.embedding = lambda e: e  # what CADS sets on DiT's class conditions
+    assert names(engine._passes(todo, ["uncond", "cond"], rewritten)) == [["uncond", "cond"], ["emag:cond"]]
+    engine.batching = "normal"
+    assert names(engine._passes(todo, ["uncond", "cond"])) == [["uncond", "cond"], ["emag:cond"]]

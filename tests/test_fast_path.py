@@ -27,9 +27,23 @@ def close(a, b, tol=1e-5):
     torch.testing.assert_close(a, b, rtol=tol, atol=tol * b.abs().max().item())
 
 
-def sd3_run(p, fast, steps=8, **e):
+def sd3_run(p, fast, steps=8, batching="normal", **e):
     return p(**sd3_embeds(2), latents=sd3_latents(2), num_inference_steps=steps, guidance_scale=5.0,
-             output_type="latent", fast=fast, emag=emag.EMAG(**{"scale": 2.0, "layers": LAYERS, **e})).images
+             output_type="latent", fast=fast, batching=batching,
+             emag=emag.EMAG(**{"scale": 2.0, "layers": LAYERS, **e})).images
+
+
+def block_rows(p, run):
+    """Batch rows entering each block, per forward call, while ``run()`` runs."""
+    rows = {i: [] for i in range(len(p.transformer.transformer_blocks))}
+    hooks = [blk.register_forward_pre_hook(lambda m, a, k, i=i: rows[i].append(k["hidden_states"].shape[0]),
+                                           with_kwargs=True) for i, blk in enumerate(p.transformer.transformer_blocks)]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    return rows
 
 
 @pytest.mark.parametrize("e", [
@@ -48,14 +62,7 @@ def test_sd3_fast_equals_straightforward(sd3, e):
 def test_sd3_fast_skips_work(sd3):
     """Per step: no perturbed pass without a replacement; the perturbed rows start at the chosen block and
     the unconditional perturbed rows stop after the last candidate block."""
-    rows = {i: [] for i in range(6)}
-    hooks = [blk.register_forward_pre_hook(lambda m, a, k, i=i: rows[i].append(k["hidden_states"].shape[0]),
-                                           with_kwargs=True) for i, blk in enumerate(sd3.transformer.transformer_blocks)]
-    try:
-        sd3_run(sd3, True, steps=4)
-    finally:
-        for h in hooks:
-            h.remove()
+    rows = block_rows(sd3, lambda: sd3_run(sd3, True, steps=4))
     trace = {r.index: r.chosen for r in sd3.emag_trace}
     replaced = [i for i in range(4) if trace.get(i)]
     assert replaced == [1, 2]  # N = 4: EMA at 0-2, replacement at 1-2
@@ -63,6 +70,32 @@ def test_sd3_fast_skips_work(sd3):
     assert rows[0] == [4] * 4
     # block 5 (after the last candidate) sees the normal rows plus the conditional perturbed rows only
     assert rows[5] == [4, 4, 2, 4, 2, 4]
+
+
+@pytest.mark.parametrize("e", [dict(variant="full"), dict(variant="q"), dict(combination="additive"),
+                               dict(layers=[0, 3]), dict(per_sample=True, ema_storage="factored")])
+def test_sd3_joined_pass_equals_straightforward(sd3, e):
+    """batching="all": the perturbed rows join the normal pass at the chosen block (one pass per step)."""
+    slow = sd3_run(sd3, False, **e)
+    slow_trace = [(r.index, r.chosen) for r in sd3.emag_trace]
+    layouts, joined = [], []
+
+    def run():
+        joined.append(sd3(**sd3_embeds(2), latents=sd3_latents(2), num_inference_steps=8, guidance_scale=5.0,
+                          output_type="latent", fast=True, batching="all",
+                          emag=emag.EMAG(**{"scale": 2.0, "layers": LAYERS, **e}),
+                          callback_on_step_end=lambda p, i, t, k: layouts.append(
+                              [list(x) for x in p.guidance_engine.last_passes]) or {}).images)
+
+    rows = block_rows(sd3, run)
+    assert [(r.index, r.chosen) for r in sd3.emag_trace] == slow_trace
+    close(joined[0], slow)
+    replaced = [r.index for r in sd3.emag_trace if r.chosen]
+    assert replaced and all(len(layouts[i]) == 1 and "emag:cond" in layouts[i][0] for i in replaced)
+    # the last block runs once per step: normal rows (4) plus, on replacement steps, the perturbed
+    # conditional rows (2; both halves in the additive mode)
+    extra = 4 if e.get("combination") == "additive" else 2
+    assert rows[5] == [4 + (extra if i in replaced else 0) for i in range(8)]
 
 
 def test_sd3_cond_only_score_is_opt_in_and_cheaper(sd3):
@@ -89,3 +122,38 @@ def test_dit_fast_equals_straightforward(dit, e):
     fast = dit_run(dit, True, **e)
     assert [(r.index, r.chosen) for r in dit.emag_trace] == slow_trace
     close(fast, slow)
+
+
+def test_observers_of_image_rows_get_only_those_rows():
+    """An observer that reads only the image-query rows gets the map of those rows (the text-query rows
+    are never built), equal to the full map's image rows; the pass's output is unchanged."""
+    from emag.plumbing.architectures import architecture_of
+    from emag.plumbing.edits import AttentionEdit, EditScope, ForwardPlan, RowGroup
+    from tiny_models import tiny_sd3_transformer
+
+    class Observer(AttentionEdit):
+        needs_probs, modifies_output = True, False
+
+        def __init__(self, image_rows_only):
+            self.reads_image_rows_only, self.seen = image_rows_only, []
+
+        def probs(self, p, info, rows):
+            self.seen.append((p.clone(), info.num_image_tokens))
+            return p
+
+    tr = tiny_sd3_transformer(num_layers=3)
+    embeds = sd3_embeds(1)
+    args = dict(hidden_states=sd3_latents(1), timestep=torch.tensor([500.0]), encoder_hidden_states=embeds["prompt_embeds"],
+                pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)
+    clean = tr(**args)[0]
+    maps = {}
+    for flag in (True, False):
+        obs = Observer(flag)
+        scope = EditScope(tr, architecture_of(tr), {1}, set())
+        with scope.installed(), scope.forward(ForwardPlan([RowGroup("cond", 0, 1, {1: [obs]})], (4, 4))):
+            out = tr(**args)[0]
+        assert torch.equal(out, clean)
+        (maps[flag], n_img), = obs.seen
+        assert n_img == 16 and maps[flag].shape[-1] == 16 + 5
+    assert maps[True].shape[2] == 16 and maps[False].shape[2] == 21
+    torch.testing.assert_close(maps[True], maps[False][:, :, :16])

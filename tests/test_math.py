@@ -9,6 +9,7 @@ from emag.math import (
     attention_probs,
     blend,
     cfg,
+    ema_deviation_sums,
     ema_score,
     ema_update_,
     emag_additive,
@@ -46,6 +47,18 @@ def test_score_is_mean_absolute_difference():
     e = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     r = torch.tensor([[1.5, 2.0], [2.0, 4.0]])
     assert ema_score(e, r).item() == pytest.approx((0.5 + 0 + 1 + 0) / 4)
+
+
+def test_deviation_sums_give_the_float16_mean():
+    """The streamed score (row sums of the float16 |E - R|) is the whole-tensor float16 mean."""
+    g = torch.Generator().manual_seed(3)
+    e = torch.rand(2, 3, 16, 20, generator=g).half()
+    r = torch.rand(2, 3, 16, 20, generator=g)
+    sums = ema_deviation_sums(e, r)
+    assert sums.shape == (2,)
+    assert torch.equal((sums.sum() / e.numel()).half(), ema_score(e, r))
+    by_hand = torch.stack([(e[i].float() - r[i].half().float()).abs().half().float().sum() for i in range(2)])
+    torch.testing.assert_close(sums, by_hand)
 
 
 def test_blend_lambda_one_is_the_ema_and_zero_is_live():

@@ -122,17 +122,22 @@ class GuidanceEngine:
                 r.before_stage(stage, ctx, outputs)
             todo = [Branch(n, n, stage=0) for n in normal] if stage == 0 else []
             todo += [b for b in extra if b.stage == stage]
-            for group in self._passes(todo, normal):
+            for group in self._passes(todo, normal, conditions):
                 self._run(group, x, t, ctx, active, conditions, outputs, inputs)
         return self._combine(x, ctx, active, outputs, inputs)
 
     def scope_backbone_order(self) -> tuple[str, ...]:
         return tuple(self.backbones["main"].normal_order)
 
-    def _passes(self, todo: list[Branch], normal: list[str]) -> list[list[Branch]]:
+    def _passes(self, todo: list[Branch], normal: list[str], conditions: dict | None = None) -> list[list[Branch]]:
         by_model: dict[tuple[str, int], list[Branch]] = {}
-        for b in todo:  # branches resuming from different blocks cannot share a pass
+        for b in todo:  # branches resuming from different blocks share a pass only by joining it
             by_model.setdefault((b.model, b.resolved_start()), []).append(b)
+        conditions = self.conditions if conditions is None else conditions
+        # per-row embedding rewrites (DiT CADS) are laid out for a pass's initial rows: no joining then
+        if self.batching in ("all", "auto") and not any(
+                getattr(conditions[b.condition], "embedding", None) is not None for b in todo):
+            by_model = self._joined(by_model)
         passes = []
         for (model, _), branches in by_model.items():
             policy = self._auto_policy(branches) if self.batching == "auto" else self.batching
@@ -145,6 +150,23 @@ class GuidanceEngine:
                 rest = [b for b in branches if b.name not in normal]
                 passes.extend(p for p in (shared, rest) if p)
         return passes
+
+    def _joined(self, by_model: dict[tuple[str, int], list[Branch]]) -> dict[tuple[str, int], list[Branch]]:
+        """``"all"``: suffix branches (``start_block = k > 0``) whose source rows run in this stage's pass
+        from the input JOIN that pass at block ``k`` (their rows are copied from the source's rows there),
+        so the blocks after ``k`` run once over every row instead of in a second, smaller pass."""
+        lead = by_model.get(("main", 0))
+        if not lead:
+            return by_model
+        names = {b.name for b in lead}
+        out = {key: list(v) for key, v in by_model.items()}
+        for (model, start), branches in by_model.items():
+            if model == "main" and start > 0 and all(b.source in names for b in branches):
+                if self.batching == "auto" and self._auto_policy(lead + branches) != "all":
+                    continue
+                out[("main", 0)].extend(branches)
+                del out[(model, start)]
+        return out
 
     def _auto_policy(self, branches: list[Branch]) -> str:
         """``"all"`` when one pass over every branch fits in the free accelerator memory, else ``"normal"``.
@@ -178,6 +200,9 @@ class GuidanceEngine:
 
     def _run_pass(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
         model = branches[0].model
+        start_block = min(b.resolved_start() for b in branches)
+        joiners = [b for b in branches if b.resolved_start() > start_block]  # see _joined
+        branches = [b for b in branches if b.resolved_start() == start_block]
         xs, conds, groups, start = [], [], [], 0
         for b in branches:
             xin = b.make_input(outputs, x) if b.make_input is not None else x
@@ -198,12 +223,13 @@ class GuidanceEngine:
             conds.append(conditions[b.condition])
             inputs[b.name] = xin
             start += n
-        self.last_passes.append([b.name for b in branches])
+        for b in joiners:
+            inputs[b.name] = x
+        self.last_passes.append([b.name for b in branches + joiners])
         backbone = self.backbones[model]
-        start_block = branches[0].resolved_start()
-        if model == "main" and (start_block > 0 or (self._captures and any(b.name in ("cond", "uncond") for b in branches))
-                                or any(b.keep_until is not None for b in branches)):
-            self._run_blocks(branches, groups, xs, t, conds, x, start_block, outputs)
+        if model == "main" and (start_block > 0 or joiners or (self._captures and any(b.name in ("cond", "uncond") for b in branches))
+                                or any(b.keep_until is not None for b in branches + joiners)):
+            self._run_blocks(branches, groups, xs, t, conds, x, start_block, outputs, joiners)
             return
         if model == "main":
             grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
@@ -216,8 +242,9 @@ class GuidanceEngine:
         for g in groups:
             outputs[g.branch] = out[g.rows]
 
-    def _run_blocks(self, branches, groups, xs, t, conds, x, start, outputs) -> None:
-        """Block-by-block execution: capture states for suffix branches, resume from them, drop rows."""
+    def _run_blocks(self, branches, groups, xs, t, conds, x, start, outputs, joiners=()) -> None:
+        """Block-by-block execution: capture states for suffix branches, resume from them, let suffix
+        branches join the pass (``joiners``), drop rows."""
         backbone = self.backbones["main"]
         runner = backbone.runner
         if start == 0:
@@ -230,14 +257,19 @@ class GuidanceEngine:
             if missing:
                 raise RuntimeError(f"Suffix branches resume from {missing}, which the captured pass did not run.")
             state = RunState.cat([cap.rows(rows[b.source]) for b in branches])
-        keep_until = {b.name: b.keep_until for b in branches if b.keep_until is not None}
+        keep_until = {b.name: b.keep_until for b in list(branches) + list(joiners) if b.keep_until is not None}
         can_drop = not any(getattr(c, "embedding", None) is not None for c in conds)
         grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
         plan = ForwardPlan(groups, grid)
+        joins: dict[int, list[Branch]] = {}
+        for b in joiners:
+            joins.setdefault(b.resolved_start(), []).append(b)
         with self.scope.forward(plan), backbone.context(conds, [g.stop - g.start for g in groups]):
             for i in range(start, runner.num_blocks):
                 if start == 0 and i in self._captures:
                     self._captured[i] = (state, {g.branch: g.rows for g in plan.groups})
+                if i in joins:
+                    state, plan = self._join(state, plan, joins.pop(i), grid)
                 state = runner.block(i, state)
                 done = {n for n, j in keep_until.items() if j == i}
                 if done and can_drop:
@@ -257,6 +289,26 @@ class GuidanceEngine:
         for g in plan.groups:
             if g.branch not in keep_until:
                 outputs[g.branch] = out[g.rows]
+
+    def _join(self, state: RunState, plan: ForwardPlan, joiners: list[Branch], grid) -> tuple[RunState, ForwardPlan]:
+        """Append the rows of suffix branches entering the current block: copies of their sources' rows."""
+        rows = {g.branch: g.rows for g in plan.groups}
+        parts, groups, offset = [state], list(plan.groups), int(state.hidden.shape[0])
+        for b in joiners:
+            if b.source not in rows:
+                raise RuntimeError(f"Branch {b.name!r} joins from {b.source!r}, which is not in this pass.")
+            att, blk = b.resolved_edits()
+            n = rows[b.source].stop - rows[b.source].start
+            parts.append(state.rows(rows[b.source]))
+            groups.append(RowGroup(b.name, offset, offset + n, att, blk))
+            offset += n
+        joined = ForwardPlan(groups, grid)
+        missing = (joined.attention_layers - set(self.scope.attention_modules)) | (
+            joined.block_layers - set(self.scope.block_modules))
+        if missing:
+            raise RuntimeError(f"Edits planned on blocks that were not installed: {sorted(missing)}")
+        self.scope.plan = joined
+        return RunState.cat(parts), joined
 
     def _patch(self) -> int:
         return int(getattr(self.scope.transformer.config, "patch_size", 1) or 1)

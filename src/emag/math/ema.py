@@ -33,6 +33,18 @@ def ema_score(ema: Tensor, live: Tensor) -> Tensor:
     return (ema - live.to(ema.dtype)).abs().mean()
 
 
+def ema_deviation_sums(ema: Tensor, live: Tensor) -> Tensor:
+    """``sum |E - R|`` per batch row ``[B]``, with ``|E - R|`` rounded to ``ema``'s dtype first.
+
+    The score of section 3 is these sums over all rows divided by the element count: the elementwise
+    difference is evaluated in the EMA dtype (float16 on SD3, as the reference), the reduction in
+    float32 (float64 for a float64 EMA), as a whole-tensor ``mean`` accumulates, without holding
+    ``|E - R|`` for every row.
+    """
+    acc = torch.float64 if ema.dtype == torch.float64 else torch.float32
+    return (ema - live.to(ema.dtype)).abs().flatten(1).sum(dim=1, dtype=acc)
+
+
 def ema_score_per_row(ema: Tensor, live: Tensor) -> Tensor:
     """``mean(|E - R|)`` per batch row, shape ``[B]``: the statistic of the opt-in per-sample selection."""
     return (ema - live.to(ema.dtype)).abs().flatten(1).mean(dim=1)

@@ -43,6 +43,9 @@ class AttentionEdit:
     uses_mask: bool = False  # True when ``mask`` may return an attention mask
     modifies_output: bool = True  # False for observers (e.g. an EMA fed by a normal pass)
     edits_output: bool = False  # True when ``output`` rewrites the group's attention output
+    # True when ``probs`` only reads the image-query rows ``p[:, :, :num_image_tokens]`` (and the edit
+    # modifies nothing): a group of such observers gets the map of its image-query rows only.
+    reads_image_rows_only: bool = False
 
     def prepare(self, q: Tensor, k: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> None:
         """Called before anything else in an intercepted call (e.g. to choose a storage by size)."""
@@ -236,7 +239,13 @@ class EditScope:
         if not any(e.needs_probs for e in edits):
             out = sdpa(q, k, v, attn_mask=mask, scale=a["scale"])
         else:
-            p = attention_probs(q, k, info.scale, info.arch.scale_queries_first, mask)
+            observed = q
+            if not modifies and all(e.reads_image_rows_only for e in edits if e.needs_probs):
+                # observers of the image-query rows: the text-query rows of the map are never built
+                observed = q[:, :, :info.num_image_tokens]
+                if isinstance(mask, Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:
+                    mask = mask[..., :info.num_image_tokens, :]
+            p = attention_probs(observed, k, info.scale, info.arch.scale_queries_first, mask)
             for e in edits:
                 p = e.probs(p, info, rows)
             if not modifies:

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..config import ResolvedEMAG
-from ..math.ema import blend, ema_update_, renormalize_rows, row_entropy
+from ..math.ema import blend, ema_deviation_sums, ema_update_, renormalize_rows, row_entropy
 from ..math.factored_ema import StoredUpdate, decay_and_append, factored_output, factored_statistics
 from ..math.selection import select_layers, select_layers_per_row
 from .edits import AttentionEdit, AttentionInfo
@@ -42,8 +42,7 @@ class LayerState:
     updates: int = 0
     stored: list[StoredUpdate] = field(default_factory=list)  # factored storage: the past Q, K and weights
     elements_per_row: int = 0  # factored storage: H * N_i * N_k
-    _diff: Tensor | None = None  # |E - R| of the current call, assembled row by row
-    _diff_sum: Tensor | None = None  # factored storage: sum |E - R| per EMA row, float64
+    _diff_sum: Tensor | None = None  # sum |E - R| per EMA row in the current call, float64
     _entropy: Tensor | None = None
 
     @property
@@ -133,7 +132,7 @@ class EMAGState:
             else:
                 itemsize = torch.empty((), dtype=cfg.ema_dtype).element_size()
                 per_layer = self.ema_rows * q.shape[1] * info.num_image_tokens * k.shape[2] * itemsize
-                dense = 2 * per_layer * len(cfg.layers)  # the EMA and the call's |E - R|
+                dense = per_layer * len(cfg.layers)
                 factored = 0
                 if self.stored_updates is not None:
                     per_update = q.shape[1] * (info.num_image_tokens + k.shape[2]) * q.shape[3] * q.element_size()
@@ -199,43 +198,37 @@ class EMAGState:
         if tuple(st.ema.shape) != shape:
             raise RuntimeError(f"EMAG block {layer}: the EMA has shape {tuple(st.ema.shape)} but this pass gives "
                                f"{tuple(shape)}; the batch or resolution changed within one call.")
-        if st._diff is None:
-            st._diff = torch.zeros_like(st.ema)
+        if st._diff_sum is None:
+            st.elements_per_row = x[0].numel()
+            st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64, device=x.device)
             st._entropy = torch.zeros(self.ema_rows, dtype=x.dtype, device=x.device) if self.need_entropy else None
         e = st.ema[ema_rows]
         if self._first_rows(st, layer, ema_rows):
             e.copy_(x)  # first update: E := R, D := 0
-            st._diff[ema_rows] = 0
+            st._diff_sum[ema_rows] = 0.0
         else:
             if self.score_timing == "before":
-                st._diff[ema_rows] = (e - x).abs()
+                st._diff_sum[ema_rows] = ema_deviation_sums(e, x)
             ema_update_(e, x, self.config.beta)
             if self.score_timing == "after":
-                st._diff[ema_rows] = (e - x).abs()
+                st._diff_sum[ema_rows] = ema_deviation_sums(e, x)
         if self.need_entropy:
             st._entropy[ema_rows] = row_entropy(x)
 
     def finish(self, layer: int) -> None:
         """Close one intercepted call: the score over ALL EMA rows, as one whole-tensor update gives it."""
         st = self.states[layer]
-        if st._diff_sum is not None:  # factored storage
-            st.score = st._diff_sum.sum() / (self.ema_rows * st.elements_per_row)
-            if self.config.per_sample:
-                st.score_rows = st._diff_sum / st.elements_per_row
-            if self.need_entropy:
-                st.entropy = st._entropy
-            st.updates += 1
-            st._diff_sum = st._entropy = None
+        if st._diff_sum is None:
             return
-        if st._diff is None:
-            return
-        st.score = st._diff.mean()
+        # dense storage: the mean in the EMA dtype, as one whole-tensor ``mean`` gives it (float16 on SD3)
+        dtype = st.ema.dtype if st.ema is not None else torch.float64
+        st.score = (st._diff_sum.sum() / (self.ema_rows * st.elements_per_row)).to(dtype)
         if self.config.per_sample:
-            st.score_rows = st._diff.flatten(1).mean(dim=1)
+            st.score_rows = (st._diff_sum / st.elements_per_row).to(dtype)
         if self.need_entropy:
             st.entropy = st._entropy
         st.updates += 1
-        st._diff = st._entropy = None
+        st._diff_sum = st._entropy = None
 
     def _check_fed(self, layer: int, ema_rows: slice) -> LayerState:
         st = self.states[layer]
@@ -272,6 +265,7 @@ class EMAGFeed(AttentionEdit):
     """Feed a group's live attention rows (or image queries) into the EMA; output unchanged."""
 
     modifies_output = False
+    reads_image_rows_only = True  # the tracked rows are image-query rows (emag.md section 3)
 
     def __init__(self, state: EMAGState, layer: int, ema_rows: slice, repeats: int = 1) -> None:
         self.state, self.layer, self.ema_rows, self.repeats = state, layer, ema_rows, repeats
