@@ -114,10 +114,12 @@ def methods(family: str, n_blocks: int):
         "emag-full": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="dense", **e)]),
         "emag-q": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)]),
         "emag-full-factored": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="factored", **e)]),
-        # batching="all": the perturbed rows join the normal pass at the chosen block (one pass per step)
-        "emag-full-joined": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="dense", **e)],
-                                 batching="all"),
-        "emag-q-joined": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], batching="all"),
+        # SD3, batching="all": the perturbed rows join the normal pass at the chosen block (one pass per
+        # step). DiT chooses its block after the normal pass, so its perturbed pass cannot join it.
+        **({"emag-full-joined": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", ema_storage="dense", **e)],
+                                     batching="all"),
+            "emag-q-joined": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], batching="all")}
+           if family == "sd3" else {}),
         "emag-full-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="full", **e)], fast=False),
         "emag-q-straightforward": dict(guidance=[emag.CFG(w), emag.EMAG(variant="q", **e)], fast=False),
         "pag": dict(guidance=[emag.CFG(w), emag.PAG(3.0, layers=[mid])]),

@@ -135,7 +135,7 @@ def test_observers_of_image_rows_get_only_those_rows():
         needs_probs, modifies_output = True, False
 
         def __init__(self, image_rows_only):
-            self.reads_image_rows_only, self.seen = image_rows_only, []
+            self.image_rows_only, self.seen = image_rows_only, []
 
         def probs(self, p, info, rows):
             self.seen.append((p.clone(), info.num_image_tokens))
@@ -157,3 +157,35 @@ def test_observers_of_image_rows_get_only_those_rows():
         assert n_img == 16 and maps[flag].shape[-1] == 16 + 5
     assert maps[True].shape[2] == 16 and maps[False].shape[2] == 21
     torch.testing.assert_close(maps[True], maps[False][:, :, :16])
+
+
+def test_image_row_edits_keep_fused_attention_for_text_rows():
+    """An edit that rewrites only image-query rows of the map: those rows' output is the edited map times V,
+    the text-query rows' output is the live attention, the same as editing the full map."""
+    from emag.plumbing.architectures import architecture_of
+    from emag.plumbing.edits import AttentionEdit, EditScope, ForwardPlan, RowGroup
+    from tiny_models import tiny_sd3_transformer
+
+    class Uniform(AttentionEdit):
+        needs_probs = True
+
+        def __init__(self, image_rows_only):
+            self.image_rows_only = image_rows_only
+
+        def probs(self, p, info, rows):
+            p = p.clone()
+            p[:, :, :info.num_image_tokens] = 1.0 / p.shape[-1]
+            return p
+
+    tr = tiny_sd3_transformer(num_layers=3)
+    embeds = sd3_embeds(1)
+    args = dict(hidden_states=sd3_latents(1), timestep=torch.tensor([500.0]), encoder_hidden_states=embeds["prompt_embeds"],
+                pooled_projections=embeds["pooled_prompt_embeds"], return_dict=False)
+    clean = tr(**args)[0]
+    outs = {}
+    for flag in (True, False):
+        scope = EditScope(tr, architecture_of(tr), {1}, set())
+        with scope.installed(), scope.forward(ForwardPlan([RowGroup("cond", 0, 1, {1: [Uniform(flag)]})], (4, 4))):
+            outs[flag] = tr(**args)[0]
+    assert not torch.allclose(outs[True], clean, atol=1e-3)
+    torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)

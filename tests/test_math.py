@@ -66,6 +66,11 @@ def test_blend_lambda_one_is_the_ema_and_zero_is_live():
     assert torch.equal(blend(e, r, 1.0), torch.tensor([1.0, 2.0]))
     assert torch.equal(blend(e, r, 0.0), r)
     assert torch.allclose(blend(e, r, 0.25), 0.25 * e.float() + 0.75 * r)
+    g = torch.Generator().manual_seed(0)
+    e, r = torch.rand(3, 40, generator=g).half(), torch.rand(3, 40, generator=g)
+    assert torch.equal(blend(e, r, 1.0), 1.0 * e.float() + 0.0 * r)  # the literal expression, bit for bit
+    e32 = e.float()
+    assert blend(e32, r, 1.0).data_ptr() != e32.data_ptr()  # a copy, never the EMA itself
 
 
 @pytest.mark.parametrize(

@@ -53,9 +53,12 @@ def ema_score_per_row(ema: Tensor, live: Tensor) -> Tensor:
 def blend(ema: Tensor, live: Tensor, lam: float) -> Tensor:
     """Apply rule ``R := lambda * E + (1 - lambda) * R`` in the live tensor's dtype (section 3).
 
-    The published runs use ``lambda = 1`` (hard replacement). The expression is evaluated literally,
-    so ``lambda = 1`` returns ``E`` cast to the live dtype.
+    The published runs use ``lambda = 1`` (hard replacement): then the result is ``E`` cast to the
+    live dtype, which is what the literal expression gives for finite ``R`` (``1 * E + 0 * R``), without
+    evaluating it.
     """
+    if lam == 1.0:
+        return ema.to(live.dtype, copy=True)  # never the EMA itself: callers may edit the result
     return lam * ema.to(live.dtype) + (1.0 - lam) * live
 
 
@@ -75,7 +78,7 @@ def attention_probs(
     if scale_queries_first:
         logits = (query * scale) @ key.transpose(-2, -1)
     else:
-        logits = (query @ key.transpose(-2, -1)) * scale
+        logits = (query @ key.transpose(-2, -1)).mul_(scale)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             logits = logits.masked_fill(~attn_mask, float("-inf"))

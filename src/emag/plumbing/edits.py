@@ -43,9 +43,10 @@ class AttentionEdit:
     uses_mask: bool = False  # True when ``mask`` may return an attention mask
     modifies_output: bool = True  # False for observers (e.g. an EMA fed by a normal pass)
     edits_output: bool = False  # True when ``output`` rewrites the group's attention output
-    # True when ``probs`` only reads the image-query rows ``p[:, :, :num_image_tokens]`` (and the edit
-    # modifies nothing): a group of such observers gets the map of its image-query rows only.
-    reads_image_rows_only: bool = False
+    # True when ``probs`` reads and rewrites only the image-query rows ``p[:, :, :num_image_tokens]``: a
+    # group whose map-editing edits all say so gets the map of its image-query rows only, and the
+    # output of its other query rows (SD3's text tokens) comes from fused attention.
+    image_rows_only: bool = False
 
     def prepare(self, q: Tensor, k: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> None:
         """Called before anything else in an intercepted call (e.g. to choose a storage by size)."""
@@ -107,6 +108,13 @@ class ForwardPlan:
     @property
     def block_layers(self) -> set[int]:
         return {l for g in self.groups for l, e in g.blocks.items() if e}
+
+
+def _query_rows(mask: Tensor | None, rows: slice) -> Tensor | None:
+    """The query rows ``rows`` of an attention mask (a mask broadcast over queries stays as it is)."""
+    if isinstance(mask, Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:
+        return mask[..., rows, :]
+    return mask
 
 
 def _split_block_io(arch: Architecture, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
@@ -239,18 +247,19 @@ class EditScope:
         if not any(e.needs_probs for e in edits):
             out = sdpa(q, k, v, attn_mask=mask, scale=a["scale"])
         else:
-            observed = q
-            if not modifies and all(e.reads_image_rows_only for e in edits if e.needs_probs):
-                # observers of the image-query rows: the text-query rows of the map are never built
-                observed = q[:, :, :info.num_image_tokens]
-                if isinstance(mask, Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:
-                    mask = mask[..., :info.num_image_tokens, :]
-            p = attention_probs(observed, k, info.scale, info.arch.scale_queries_first, mask)
+            n = info.num_image_tokens
+            split = n < q.shape[2] and all(e.image_rows_only for e in edits if e.needs_probs)
+            # split: the map of the image-query rows only; the other query rows keep fused attention
+            p = attention_probs(q[:, :, :n] if split else q, k, info.scale, info.arch.scale_queries_first,
+                                _query_rows(mask, slice(None, n)) if split else mask)
             for e in edits:
                 p = e.probs(p, info, rows)
             if not modifies:
                 return None
             out = (p @ v).to(q.dtype)
+            if split:
+                rest = sdpa(q[:, :, n:], k, v, attn_mask=_query_rows(mask, slice(n, None)), scale=a["scale"])
+                out = torch.cat([out, rest], dim=2)
         for e in edits:
             if e.edits_output:
                 out = e.output(out, q, k, v, info, rows, sdpa)

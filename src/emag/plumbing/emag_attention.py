@@ -265,7 +265,7 @@ class EMAGFeed(AttentionEdit):
     """Feed a group's live attention rows (or image queries) into the EMA; output unchanged."""
 
     modifies_output = False
-    reads_image_rows_only = True  # the tracked rows are image-query rows (emag.md section 3)
+    image_rows_only = True  # the tracked rows are image-query rows (emag.md section 3)
 
     def __init__(self, state: EMAGState, layer: int, ema_rows: slice, repeats: int = 1) -> None:
         self.state, self.layer, self.ema_rows, self.repeats = state, layer, ema_rows, repeats
@@ -298,6 +298,8 @@ class EMAGFeed(AttentionEdit):
 
 class EMAGReplace(AttentionEdit):
     """Replace a group's tracked attention rows (full) or image queries (q) by the EMA."""
+
+    image_rows_only = True  # only image-query rows are replaced; text-query rows stay live (section 3)
 
     def __init__(self, state: EMAGState, layer: int, ema_rows: slice, mask: bool | Tensor = True) -> None:
         self.state, self.layer, self.ema_rows = state, layer, ema_rows
@@ -338,8 +340,10 @@ class EMAGReplace(AttentionEdit):
 
     def probs(self, p, info: AttentionInfo, rows):
         cfg, n = self.state.config, info.num_image_tokens
-        edited = p.clone()
         new = self.state.replacement(self.layer, _tracked(p, n, cfg.rows), self.ema_rows)
+        if cfg.rows == "image_rows" and p.shape[2] == n:  # the map holds the image-query rows only
+            return self._masked(new, p)
+        edited = p.clone()
         if cfg.rows == "image_rows":
             edited[:, :, :n] = new
         else:
