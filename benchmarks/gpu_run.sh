@@ -27,6 +27,6 @@ bench() {  # name, then speed.py arguments; each run is capped so one slow case 
         2>&1 | grep -v "Casting directly" | tee "$OUT/$name.txt"
 }
 bench h200_sd3_medium_b1 --size sd3-medium --batch 1 --repeats 2
-bench h200_sd3_medium_b4 --size sd3-medium --batch 4 --repeats 1 --only cfg emag-full emag-q emag-full-straightforward emag-q-straightforward
+bench h200_sd3_medium_b4 --size sd3-medium --batch 4 --repeats 1 --only cfg emag-full emag-q emag-full-joined emag-q-joined emag-full-straightforward emag-q-straightforward
 bench h200_dit_xl_2_256 --size dit-xl-2-256 --batch 1 4 --repeats 2
 bench h200_dit_xl_2_512 --size dit-xl-2-512 --batch 1 --repeats 2
