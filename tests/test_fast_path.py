@@ -59,6 +59,19 @@ def test_sd3_fast_equals_straightforward(sd3, e):
     close(fast, slow)
 
 
+@pytest.mark.parametrize("batching", ["none", "all"])
+@pytest.mark.parametrize("e", [dict(variant="full"), dict(variant="q"), dict(combination="additive")])
+def test_sd3_batching_layouts_equal_straightforward(sd3, e, batching):
+    """The EMA rows [uncond ; cond] form ONE update even when their rows run in separate passes
+    ("none"): the score covers both halves, so every layout makes the same choices."""
+    slow = sd3_run(sd3, False, **e)
+    slow_trace = [(r.index, r.chosen) for r in sd3.emag_trace]
+    for fast in (False, True):
+        out = sd3_run(sd3, fast, batching=batching, **e)
+        assert [(r.index, r.chosen) for r in sd3.emag_trace] == slow_trace
+        close(out, slow)
+
+
 def test_sd3_fast_skips_work(sd3):
     """Per step: no perturbed pass without a replacement; the perturbed rows start at the chosen block and
     the unconditional perturbed rows stop after the last candidate block."""
@@ -106,22 +119,33 @@ def test_sd3_cond_only_score_is_opt_in_and_cheaper(sd3):
         sd3_run(sd3, True, cond_only_score=True, combination="additive")
 
 
-def dit_run(p, fast, **e):
+def dit_run(p, fast, batching="normal", **e):
     labels = [1000, 1000] if e.get("combination") == "emag_only" else [1, 2]
     windows = dict(ema_window=emag.RemainingStepsWindow(3, 8), apply_window=emag.RemainingStepsWindow(3, 6))
     return p(class_labels=labels, latents=dit_latents(2), num_inference_steps=12, guidance_scale=1.5,
-             output_type="latent", fast=fast, generator=torch.Generator().manual_seed(5),
+             output_type="latent", fast=fast, batching=batching, generator=torch.Generator().manual_seed(5),
              emag=emag.EMAG(**{"scale": 3.0, "layers": LAYERS, **windows, **e})).images
 
 
 @pytest.mark.parametrize("e", [dict(), dict(variant="q"), dict(selection="all"), dict(selection="entropy"),
                                dict(per_sample=True), dict(combination="additive"), dict(combination="emag_only")])
 def test_dit_fast_equals_straightforward(dit, e):
+    _dit_equal(dit, e, "normal")
+
+
+@pytest.mark.parametrize("e", [dict(), dict(combination="additive")])
+def test_dit_batching_layouts_equal_straightforward(dit, e):
+    _dit_equal(dit, e, "none")
+    _dit_equal(dit, e, "all")
+
+
+def _dit_equal(dit, e, batching):
     slow = dit_run(dit, False, **e)
     slow_trace = [(r.index, r.chosen) for r in dit.emag_trace]
-    fast = dit_run(dit, True, **e)
-    assert [(r.index, r.chosen) for r in dit.emag_trace] == slow_trace
-    close(fast, slow)
+    for fast in (False, True) if batching != "normal" else (True,):
+        out = dit_run(dit, fast, batching=batching, **e)
+        assert [(r.index, r.chosen) for r in dit.emag_trace] == slow_trace
+        close(out, slow)
 
 
 def test_observers_of_image_rows_get_only_those_rows():
@@ -189,3 +213,27 @@ def test_image_row_edits_keep_fused_attention_for_text_rows():
             outs[flag] = tr(**args)[0]
     assert not torch.allclose(outs[True], clean, atol=1e-3)
     torch.testing.assert_close(outs[True], outs[False], rtol=1e-5, atol=1e-6)
+
+
+def test_one_update_may_span_passes_but_not_feed_rows_twice():
+    """SD3's EMA rows [uncond ; cond] fed in two passes form one update: no score until both halves are
+    in, then the score over all rows; feeding a half twice before the update is complete raises."""
+    from emag.config import resolve
+    from emag.plumbing.emag_attention import EMAGState
+
+    state = EMAGState(resolve(emag.EMAG(layers=[0]), "sd3", 2, "sd3"), 2, "before")
+    state.storage = "dense"
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.rand(2, 2, 4, 6, generator=g), torch.rand(2, 2, 4, 6, generator=g)
+    for live in (first, second):
+        state.feed(0, live[:1], slice(0, 1))
+        state.finish(0)
+        if live is first:
+            assert state.states[0].score is None  # half an update: nothing to score yet
+        state.feed(0, live[1:], slice(1, 2))
+        state.finish(0)
+    expected = (first.half() - second.half()).abs().float().mean()  # before the update: |E - R| with E = R_1
+    torch.testing.assert_close(state.states[0].score.float(), expected, rtol=1e-3, atol=1e-4)
+    state.feed(0, second[:1], slice(0, 1))
+    with pytest.raises(RuntimeError, match="twice"):
+        state.feed(0, second[:1], slice(0, 1))

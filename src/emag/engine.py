@@ -115,7 +115,8 @@ class GuidanceEngine:
         inputs: dict[str, Tensor] = {}
         self.last_passes = []
         self._captures = set().union(*[r.capture_blocks(ctx) for r in active]) if active else set()
-        self._captured: dict[int, tuple[RunState, dict[str, slice]]] = {}
+        # block -> branch -> that branch's rows of the state entering the block (from any pass this step)
+        self._captured: dict[int, dict[str, RunState]] = {}
         stages = sorted({0, 1} | {b.stage for b in extra})
         for stage in stages:
             for r in active:
@@ -252,11 +253,11 @@ class GuidanceEngine:
         else:
             if start not in self._captured:
                 raise RuntimeError(f"A branch resumes from block {start} but the normal pass did not capture it.")
-            cap, rows = self._captured[start]
-            missing = [b.source for b in branches if b.source not in rows]
+            cap = self._captured[start]
+            missing = [b.source for b in branches if b.source not in cap]
             if missing:
-                raise RuntimeError(f"Suffix branches resume from {missing}, which the captured pass did not run.")
-            state = RunState.cat([cap.rows(rows[b.source]) for b in branches])
+                raise RuntimeError(f"Suffix branches resume from {missing}, which no captured pass ran.")
+            state = RunState.cat([cap[b.source] for b in branches])
         keep_until = {b.name: b.keep_until for b in list(branches) + list(joiners) if b.keep_until is not None}
         can_drop = not any(getattr(c, "embedding", None) is not None for c in conds)
         grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
@@ -267,7 +268,7 @@ class GuidanceEngine:
         with self.scope.forward(plan), backbone.context(conds, [g.stop - g.start for g in groups]):
             for i in range(start, runner.num_blocks):
                 if start == 0 and i in self._captures:
-                    self._captured[i] = (state, {g.branch: g.rows for g in plan.groups})
+                    self._captured.setdefault(i, {}).update({g.branch: state.rows(g.rows) for g in plan.groups})
                 if i in joins:
                     state, plan = self._join(state, plan, joins.pop(i), grid)
                 state = runner.block(i, state)

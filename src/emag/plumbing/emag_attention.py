@@ -42,8 +42,9 @@ class LayerState:
     updates: int = 0
     stored: list[StoredUpdate] = field(default_factory=list)  # factored storage: the past Q, K and weights
     elements_per_row: int = 0  # factored storage: H * N_i * N_k
-    _diff_sum: Tensor | None = None  # sum |E - R| per EMA row in the current call, float64
+    _diff_sum: Tensor | None = None  # sum |E - R| per EMA row in the current update, float64
     _entropy: Tensor | None = None
+    _round: Tensor | None = None  # [R] bool: rows fed in the current update (it may span several passes)
 
     @property
     def nbytes(self) -> int:
@@ -171,6 +172,7 @@ class EMAGState:
         if st._diff_sum is None:
             st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64)
             st._entropy = torch.zeros(self.ema_rows, dtype=torch.float64) if self.need_entropy else None
+        self._mark_round(st, layer, ema_rows)
         first = self._first_rows(st, layer, ema_rows)
         acc = torch.float64 if self.config.ema_dtype == torch.float64 else torch.float32
         stats = dict(scale=info.scale, scale_queries_first=info.arch.scale_queries_first, acc_dtype=acc)
@@ -202,6 +204,7 @@ class EMAGState:
             st.elements_per_row = x[0].numel()
             st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64, device=x.device)
             st._entropy = torch.zeros(self.ema_rows, dtype=x.dtype, device=x.device) if self.need_entropy else None
+        self._mark_round(st, layer, ema_rows)
         e = st.ema[ema_rows]
         if self._first_rows(st, layer, ema_rows):
             e.copy_(x)  # first update: E := R, D := 0
@@ -215,11 +218,25 @@ class EMAGState:
         if self.need_entropy:
             st._entropy[ema_rows] = row_entropy(x)
 
+    def _mark_round(self, st: LayerState, layer: int, ema_rows: slice) -> None:
+        if st._round is None or bool(st._round.all()):
+            # a new update (DiT's normal pass feeds cond then uncond into the same rows in ONE call:
+            # two updates, the score of the second one stands)
+            st._round = torch.zeros(self.ema_rows, dtype=torch.bool)
+        idx = torch.arange(self.ema_rows)[ema_rows]
+        if bool(st._round[idx].any()):
+            raise RuntimeError(f"EMAG block {layer}: EMA rows fed twice within one update (rows "
+                               f"{ema_rows.start}-{ema_rows.stop - 1} of {self.ema_rows}).")
+        st._round[idx] = True
+
     def finish(self, layer: int) -> None:
-        """Close one intercepted call: the score over ALL EMA rows, as one whole-tensor update gives it."""
+        """Close one intercepted call. Once every EMA row has been fed (in this call or, when the rows run
+        in separate passes, over several), the score over ALL EMA rows, as one whole-tensor update
+        gives it."""
         st = self.states[layer]
-        if st._diff_sum is None:
+        if st._diff_sum is None or not bool(st._round.all()):
             return
+        st._round = None
         # dense storage: the mean in the EMA dtype, as one whole-tensor ``mean`` gives it (float16 on SD3)
         dtype = st.ema.dtype if st.ema is not None else torch.float64
         st.score = (st._diff_sum.sum() / (self.ema_rows * st.elements_per_row)).to(dtype)
