@@ -109,6 +109,29 @@ def test_cli_generate_sd3_writes_png_with_metadata(sd3_dir, tmp_path):
     assert json.loads(pngs[1].with_suffix(".json").read_text()) == meta
 
 
+def test_cli_batching_and_ema_storage_reach_the_pipeline(sd3_dir, tmp_path, monkeypatch):
+    """--batching and --ema-storage are passed to the call and recorded in the image's parameters."""
+    seen = []
+    original = emag.StableDiffusion3EMAGPipeline.__call__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("batching"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(emag.StableDiffusion3EMAGPipeline, "__call__", spy)
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, [
+        "generate", "--model", str(sd3_dir), "--prompt", "a cat", "--layers", "1,2", "--steps", "8",
+        "--height", "16", "--width", "16", "--batching", "all", "--ema-storage", "factored", "--out", str(out),
+    ])
+    assert r.exit_code == 0, r.output
+    meta = read_png_params(next(out.glob("0*.png")))
+    assert meta["batching"] == "all" and seen[0] == "all"
+    assert meta["emag"]["ema_storage"] == "factored" and meta["emag"]["ema_storage_used"] == "factored"
+    r = CliRunner().invoke(cli, ["generate", "--model", str(sd3_dir), "--prompt", "a", "--batching", "fast"])
+    assert r.exit_code != 0 and "batching" in r.output
+
+
 def test_cli_generate_dit_by_class_name_is_reproducible(dit_dir, tmp_path):
     args = ["generate", "--model", str(dit_dir), "--class-label", "digit 3", "--class-label", "5", "--layers", "1-2",
             "--steps", "6", "--sampler", "default", "--ema-window", "0,1", "--apply-window", "0.2,1"]

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from .config import COMBINATIONS, TRACKED_ROWS, VARIANTS
+from .config import COMBINATIONS, EMA_STORAGES, TRACKED_ROWS, VARIANTS
+from .engine import BATCHING
 from .math.selection import SELECTION_MODES
 from .presets import PRESETS
 
@@ -71,6 +72,11 @@ def _window(value: str | None):
 @click.option("--per-sample/--global-selection", default=None, help="Choose blocks per sample (opt-in).")
 @click.option("--combination", type=click.Choice(COMBINATIONS), default=None, help="How EMAG combines with CFG.")
 @click.option("--ema-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None, help="EMA storage dtype.")
+@click.option("--ema-storage", type=click.Choice(EMA_STORAGES), default=None,
+              help="Full-map EMA held dense (as the reference), factored (past Q, K) or chosen by size (auto).")
+@click.option("--batching", type=click.Choice(BATCHING), default="normal", show_default=True,
+              help="Forward-pass layout: normal (the reference's), all (one pass per step; EMAG's perturbed "
+                   "rows join the normal pass: fastest), none (least memory), auto (all when it fits, CUDA).")
 @click.option("--guided-channels", type=click.IntRange(min=1), default=None, help="DiT: guide only the first N channels.")
 @click.option("--ema-window", metavar="START,STOP", default=None, help="EMA window as step fractions [start, stop).")
 @click.option("--apply-window", metavar="START,STOP", default=None, help="Replacement window as step fractions.")
@@ -87,8 +93,9 @@ def _window(value: str | None):
 @click.option("--download/--no-download", default=False, show_default=True, help="Allow downloading from the hub.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
 def generate(model, prompts, negative_prompt, class_labels, preset, method, params, scale, layers, beta, blend, variant, rows,
-             selection, per_sample, combination, ema_dtype, guided_channels, ema_window, apply_window,
-             guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download, out_dir):
+             selection, per_sample, combination, ema_dtype, ema_storage, batching, guided_channels, ema_window,
+             apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download,
+             out_dir):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
     from .generate import generate as run
     from .generate import plan_generation
@@ -97,7 +104,8 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
 
     overrides = {k: v for k, v in dict(
         scale=scale, layers=layers, beta=beta, blend=blend, variant=variant, rows=rows, selection=selection,
-        per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, guided_channels=guided_channels,
+        per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, ema_storage=ema_storage,
+        guided_channels=guided_channels,
         ema_window=_window(ema_window), apply_window=_window(apply_window),
     ).items() if v is not None}
     method_params: dict[str, dict[str, str]] = {}
@@ -114,7 +122,7 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
             guidance_scale=guidance_scale,
             num_inference_steps=steps, height=height, width=width, seed=seed,
             num_images=num_images or (6 if model is None else 1),
-            sampler=sampler, dtype=dtype, device=device, allow_download=download,
+            sampler=sampler, dtype=dtype, device=device, allow_download=download, batching=batching,
         )
     except (MissingWeightsError, ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

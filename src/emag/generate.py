@@ -48,6 +48,7 @@ class GenerationPlan:
     sampler: str = "default"
     dtype: str = "float32"
     device: str = "cpu"
+    batching: str = "normal"
     resolved_emag: dict[str, Any] | None = None
 
     @property
@@ -104,9 +105,14 @@ def plan_generation(
     dtype: str = "float32",
     device: str = "cpu",
     allow_download: bool = False,
+    batching: str = "normal",
 ) -> GenerationPlan:
     """Check a generation request against the model's configs; no weights are loaded."""
+    from .engine import BATCHING
     from .guidance.registry import get_method
+
+    if batching not in BATCHING:
+        raise ValueError(f"Unknown batching {batching!r}; expected one of {BATCHING}.")
 
     names = [get_method(m).name for m in method.split(",") if m.strip()]
     if not names:
@@ -143,7 +149,7 @@ def plan_generation(
         terms=terms, term_params=[_describe(t) for t in terms], guidance_scale=w,
         num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
         seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
-        resolved_emag=resolved,
+        batching=batching, resolved_emag=resolved,
     )
     if plan.num_inference_steps < 1:
         raise ValueError("The number of steps must be >= 1.")
@@ -257,7 +263,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
         seed = plan.seed + index
         generator = torch.Generator(device="cpu").manual_seed(seed)
         common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                      generator=generator, guidance=plan.terms)
+                      generator=generator, guidance=plan.terms, batching=plan.batching)
         if plan.family == "sd3":
             out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
                        width=plan.width, **common)
@@ -268,6 +274,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
             "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": seed,
             "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
             "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
+            "batching": plan.batching,
             "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
         }
         state = next((r.state for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
