@@ -5,7 +5,8 @@ a folder is given, runs CFG, EMAG (full, with dense and with factored EMA storag
 the straightforward EMAG path round-robin on identical inputs, and prints seconds per image, the ratio to
 CFG (of medians, of minima, and the median of the per-round ratios, each round timing every method
 once: CPU timings on shared machines are noisy and drift), the work done (batch rows x
-transformer blocks executed, relative to CFG: noise-free), peak memory, the bytes held by the EMA state
+transformer blocks executed, relative to CFG: noise-free), peak memory (CUDA: allocated; CPU: every
+tensor counted by ``live_memory.LiveTensorBytes`` in the untimed warm-up round), the bytes held by the EMA state
 and the max difference of each fast path against the straightforward one.
 
     python benchmarks/speed.py --size cpu-small            # CPU: 12 blocks, 256 wide, 32x32 latent
@@ -19,15 +20,18 @@ GPU they were measured on.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
 import sys
-import threading
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from live_memory import LiveTensorBytes  # noqa: E402
 
 SIZES = {
     # name: (family, transformer kwargs, latent hw, text tokens)
@@ -44,30 +48,6 @@ SIZES = {
     "dit-xl-2-512": ("dit", dict(num_layers=28, num_attention_heads=16, attention_head_dim=72, in_channels=4,
                                  out_channels=8, sample_size=64, patch_size=2), 64, 0),
 }
-
-
-class PeakRSS:
-    """Peak resident memory of this process while active (sampled every 2 ms; CPU runs)."""
-
-    def __enter__(self):
-        import psutil
-
-        self.proc = psutil.Process(os.getpid())
-        self.base = self.proc.memory_info().rss
-        self.peak = self.base
-        self.stop = False
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def _run(self):
-        while not self.stop:
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-            time.sleep(0.002)
-
-    def __exit__(self, *exc):
-        self.stop = True
-        self.thread.join()
 
 
 def build(size: str, device: str, dtype: torch.dtype, model: str | None):
@@ -87,7 +67,7 @@ def build(size: str, device: str, dtype: torch.dtype, model: str | None):
             tr = DiTTransformer2DModel(num_embeds_ada_norm=1000, norm_type="ada_norm_zero", **kw)
         with torch.no_grad():  # adaLN-zero init makes every block an identity: randomise
             for name, p in tr.named_parameters():
-                if p.dim() >= 2 and p.abs().sum() == 0:
+                if device != "meta" and p.dim() >= 2 and p.abs().sum() == 0:
                     p.normal_(0, 0.02)
     tr = tr.to(device=device, dtype=dtype).eval()
     if family == "sd3":
@@ -199,23 +179,28 @@ def main(argv=None) -> int:
         times = {k: [] for k in table}
         peaks, outs, states, work = {}, {}, {}, {}
         counter = BlockRows(pipe.transformer)
+        cuda = args.device.startswith("cuda")
+        weights = sum(t.numel() * t.element_size() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
         for rep in range(args.repeats + 1):  # the first round warms up and is not timed
             for name, kw in table.items():
-                if args.device.startswith("cuda"):
+                if cuda:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
                 counter.count = 0
-                with torch.no_grad(), PeakRSS() as mem:
+                # CPU memory: the exact tensor count, in the untimed warm-up round (it slows the call)
+                mem = LiveTensorBytes(args.device) if not rep and not cuda else contextlib.nullcontext()
+                with torch.no_grad(), mem:
                     t0 = time.perf_counter()
                     out = pipe(**inputs, num_inference_steps=steps, output_type="latent", **kw).images
-                    if args.device.startswith("cuda"):
+                    if cuda:
                         torch.cuda.synchronize()
                     dt = time.perf_counter() - t0
                 if rep:
                     times[name].append(dt / batch)
-                peak = (torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda")
-                        else (mem.peak - mem.base) / 2**30)
-                peaks[name] = max(peaks.get(name, 0.0), peak)
+                if cuda:
+                    peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+                elif not rep:
+                    peaks[name] = (weights + mem.peak) / 2**30
                 states[name] = ema_state_mib(pipe)
                 work[name] = counter.count
                 outs[name] = out.float().cpu()
@@ -232,7 +217,8 @@ def main(argv=None) -> int:
                                            if "cfg" in times else None),
                              block_rows_ratio=(work[name] / work["cfg"]) if "cfg" in work else None, peak_gib=peaks[name], ema_state_mib=states[name],
                              max_diff_vs_straightforward=diff))
-    mem_kind = "peak allocated GiB (CUDA)" if args.device.startswith("cuda") else "peak RSS growth GiB (CPU, sampled)"
+    mem_kind = ("peak allocated GiB (CUDA)" if args.device.startswith("cuda")
+                else "peak tensor GiB (weights + live tensors, counted)")
     print(f"# {args.size} {args.dtype} on {args.device} ({platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads), {steps} steps, {args.repeats} timed repeats, interleaved; "
           f"torch {torch.__version__}")

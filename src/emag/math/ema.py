@@ -42,7 +42,22 @@ def ema_deviation_sums(ema: Tensor, live: Tensor) -> Tensor:
     ``|E - R|`` for every row.
     """
     acc = torch.float64 if ema.dtype == torch.float64 else torch.float32
-    return (ema - live.to(ema.dtype)).abs().flatten(1).sum(dim=1, dtype=acc)
+    return (ema - live.to(ema.dtype)).abs_().flatten(1).sum(dim=1, dtype=acc)
+
+
+def head_chunks(shape: torch.Size | tuple[int, ...], max_elements: int = 1 << 24) -> list[slice]:
+    """Slices of dim 1 (heads) of a ``[B, H, ...]`` tensor, each spanning at most ``max_elements``
+    elements (at least one head): the EMA is fed chunk by chunk so that no map-sized temporary is held.
+
+    The update of section 3 is elementwise, so feeding by chunks gives the same EMA bit for bit; the
+    score's sum is then the sum of per-chunk float32 sums (added in float64), a different but equally
+    accurate order than one float32 reduction (the reference's float16 ``mean`` has its own order).
+    """
+    per_head = 1
+    for n in (shape[0], *shape[2:]):
+        per_head *= int(n)
+    step = max(1, max_elements // max(per_head, 1))
+    return [slice(h, min(h + step, shape[1])) for h in range(0, shape[1], step)]
 
 
 def ema_score_per_row(ema: Tensor, live: Tensor) -> Tensor:
@@ -79,12 +94,17 @@ def attention_probs(
         logits = (query * scale) @ key.transpose(-2, -1)
     else:
         logits = (query @ key.transpose(-2, -1)).mul_(scale)
+    # the map is the largest tensor EMAG builds: mask and softmax in place where that gives the same values
+    in_place = not (torch.is_grad_enabled() and logits.requires_grad)
     if attn_mask is not None:
+        fits = in_place and torch.broadcast_shapes(logits.shape, attn_mask.shape) == logits.shape
         if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
+            logits = logits.masked_fill_(~attn_mask, float("-inf")) if fits else logits.masked_fill(~attn_mask, float("-inf"))
+        elif fits and attn_mask.dtype == logits.dtype:
+            logits = logits.add_(attn_mask)
         else:
             logits = logits + attn_mask
-    return logits.softmax(dim=-1)
+    return torch.softmax(logits, dim=-1, out=logits) if in_place else logits.softmax(dim=-1)
 
 
 def renormalize_rows(rows: Tensor) -> Tensor:

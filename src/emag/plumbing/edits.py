@@ -59,6 +59,8 @@ class AttentionEdit:
         return None
 
     def probs(self, p: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> Tensor:
+        """Observe or rewrite the group's explicit map ``p``. ``p`` belongs to this group's call alone and
+        may be rewritten in place; an edit must not keep a reference to it beyond the call."""
         return p
 
     def output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows: tuple[int, int],

@@ -24,10 +24,14 @@ import torch
 from torch import Tensor
 
 from ..config import ResolvedEMAG
-from ..math.ema import blend, ema_deviation_sums, ema_update_, renormalize_rows, row_entropy
+from ..math.ema import blend, ema_deviation_sums, ema_update_, head_chunks, renormalize_rows, row_entropy
 from ..math.factored_ema import StoredUpdate, decay_and_append, factored_output, factored_statistics
 from ..math.selection import select_layers, select_layers_per_row
 from .edits import AttentionEdit, AttentionInfo
+
+
+# the EMA is fed by chunks of heads of at most this many elements (the temporaries of one chunk)
+FEED_CHUNK_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -51,8 +55,8 @@ class LayerState:
         dense = 0 if self.ema is None else self.ema.numel() * self.ema.element_size()
         seen: dict[int, int] = {}  # repeated updates (DiT's emag_only null passes) share one stored tensor
         for u in self.stored:
-            for t in (u.query, u.key):
-                seen[t.data_ptr()] = t.numel() * t.element_size()
+            for t in (u.query, u.key):  # keyed by storage (data pointers are all 0 on the meta device)
+                seen[id(t.untyped_storage())] = t.numel() * t.element_size()
         return dense + sum(seen.values())
 
 
@@ -192,31 +196,36 @@ class EMAGState:
     def feed(self, layer: int, live: Tensor, ema_rows: slice) -> None:
         """Feed ``live`` (the rows ``ema_rows`` of the EMA) into block ``layer``'s EMA (emag.md section 3)."""
         st = self.states[layer]
-        x = live.detach().to(self.config.ema_dtype)
-        shape = (self.ema_rows, *x.shape[1:])
+        live = live.detach()
+        dtype = self.config.ema_dtype
+        shape = (self.ema_rows, *live.shape[1:])
         if st.ema is None:
-            st.ema = torch.zeros(shape, dtype=x.dtype, device=x.device)
+            st.ema = torch.zeros(shape, dtype=dtype, device=live.device)
             st.filled = torch.zeros(self.ema_rows, dtype=torch.bool)
         if tuple(st.ema.shape) != shape:
             raise RuntimeError(f"EMAG block {layer}: the EMA has shape {tuple(st.ema.shape)} but this pass gives "
                                f"{tuple(shape)}; the batch or resolution changed within one call.")
         if st._diff_sum is None:
-            st.elements_per_row = x[0].numel()
-            st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64, device=x.device)
-            st._entropy = torch.zeros(self.ema_rows, dtype=x.dtype, device=x.device) if self.need_entropy else None
+            st.elements_per_row = live[0].numel()
+            st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64, device=live.device)
+            st._entropy = torch.zeros(self.ema_rows, dtype=dtype, device=live.device) if self.need_entropy else None
         self._mark_round(st, layer, ema_rows)
         e = st.ema[ema_rows]
-        if self._first_rows(st, layer, ema_rows):
-            e.copy_(x)  # first update: E := R, D := 0
-            st._diff_sum[ema_rows] = 0.0
-        else:
+        first = self._first_rows(st, layer, ema_rows)
+        sums = torch.zeros(e.shape[0], dtype=torch.float64, device=e.device)
+        for h in head_chunks(e.shape, FEED_CHUNK_ELEMENTS):  # elementwise update: by chunks of heads, no map-sized temporaries
+            x, eh = live[:, h].to(dtype), e[:, h]
+            if first:
+                eh.copy_(x)  # first update: E := R, D := 0
+                continue
             if self.score_timing == "before":
-                st._diff_sum[ema_rows] = ema_deviation_sums(e, x)
-            ema_update_(e, x, self.config.beta)
+                sums += ema_deviation_sums(eh, x)
+            ema_update_(eh, x, self.config.beta)
             if self.score_timing == "after":
-                st._diff_sum[ema_rows] = ema_deviation_sums(e, x)
+                sums += ema_deviation_sums(eh, x)
+        st._diff_sum[ema_rows] = sums
         if self.need_entropy:
-            st._entropy[ema_rows] = row_entropy(x)
+            st._entropy[ema_rows] = row_entropy(live.to(dtype))
 
     def _mark_round(self, st: LayerState, layer: int, ema_rows: slice) -> None:
         if st._round is None or bool(st._round.all()):
@@ -257,6 +266,11 @@ class EMAGState:
     def replacement(self, layer: int, live: Tensor, ema_rows: slice) -> Tensor:
         st = self._check_fed(layer, ema_rows)
         return blend(st.ema[ema_rows], live, self.config.blend)
+
+    def replace_into(self, layer: int, live: Tensor, ema_rows: slice) -> None:
+        """Hard replacement (``lambda = 1``) written into ``live`` in place: the same values as
+        :meth:`replacement` without a second map-sized tensor."""
+        live.copy_(self._check_fed(layer, ema_rows).ema[ema_rows])
 
     def replacement_output(self, layer: int, live_out: Tensor, value: Tensor, ema_rows: slice, sdpa,
                            scale: float) -> Tensor:
@@ -357,6 +371,12 @@ class EMAGReplace(AttentionEdit):
 
     def probs(self, p, info: AttentionInfo, rows):
         cfg, n = self.state.config, info.num_image_tokens
+        if self.row_mask is None and cfg.blend == 1.0:
+            # hard replacement written into the group's own map (``E.to(dtype)`` bit for bit): no second map
+            self.state.replace_into(self.layer, _tracked(p, n, cfg.rows), self.ema_rows)
+            if cfg.rows != "image_rows":
+                p[:, :, :n] = renormalize_rows(p[:, :, :n])
+            return p
         new = self.state.replacement(self.layer, _tracked(p, n, cfg.rows), self.ema_rows)
         if cfg.rows == "image_rows" and p.shape[2] == n:  # the map holds the image-query rows only
             return self._masked(new, p)
