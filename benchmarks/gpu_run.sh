@@ -20,6 +20,13 @@ fi
 export PYTHONPATH=src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" >> "$OUT/gpu.txt"
+# EMAG's explicit maps take their softmax in place (emag.math.ema.attention_probs): check it on this GPU
+python3 -c "
+import torch
+x = torch.randn(2, 24, 4096, 4429, device='cuda', dtype=torch.float16) * 4
+ref = x.softmax(-1)
+print('in-place softmax equals softmax (CUDA fp16, SD3-Medium map):', torch.equal(torch.softmax(x, -1, out=x), ref))
+" >> "$OUT/gpu.txt" 2>&1
 
 bench() {  # name, then speed.py arguments; each run is capped so one slow case cannot eat the lease
     local name=$1; shift

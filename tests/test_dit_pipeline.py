@@ -98,6 +98,18 @@ def test_equals_the_straightforward_reference(pipe, variant, selection, mode, co
     assert not torch.equal(out, cfg_only)
 
 
+@pytest.mark.parametrize("variant", ["full", "q"])
+def test_feeding_the_ema_by_head_chunks_equals_the_reference(pipe, monkeypatch, variant):
+    """Large maps are fed one chunk of heads at a time (bounded temporaries): same result."""
+    from emag.plumbing import emag_attention
+
+    monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)  # one head per chunk
+    ref, _ = ref_dit_sample(pipe, [1, 2], dit_latents(2), N, 1.5, 3.0, LAYERS, gen(), ema=EMA, apply=APPLY,
+                            variant=variant)
+    out = run(pipe, (1, 2), variant=variant)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_equals_reference_with_per_sample_selection(pipe):
     ref, _ = ref_dit_sample(pipe, [1, 2], dit_latents(2), N, 1.5, 3.0, LAYERS, gen(), ema=EMA, apply=APPLY,
                             per_sample=True)

@@ -80,6 +80,17 @@ def test_equals_the_straightforward_reference(pipe, variant, rows, selection, mo
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("variant, rows", [("full", "image_rows"), ("full", "img2txt"), ("q", "image_rows")])
+def test_feeding_the_ema_by_head_chunks_equals_the_reference(pipe, monkeypatch, variant, rows):
+    """Large maps are fed one chunk of heads at a time (bounded temporaries): same result."""
+    from emag.plumbing import emag_attention
+
+    monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)  # one head per chunk
+    ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, variant=variant, rows=rows)
+    out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, variant=variant, rows=rows)).images
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 def test_equals_reference_with_per_sample_selection(pipe):
     ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, per_sample=True)
     out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, per_sample=True)).images
