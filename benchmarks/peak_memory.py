@@ -44,6 +44,8 @@ CASES = {  # name: (size, batch)
 
 def methods(family: str, n_blocks: int) -> dict:
     """The published settings (presets) at real sizes; scaled-down candidates for the small models."""
+    from dataclasses import replace
+
     import emag
     from emag.guidance.seg import SEG
 
@@ -56,12 +58,8 @@ def methods(family: str, n_blocks: int) -> dict:
         q = emag.EMAG.preset("dit-xl-2", variant="q")
         w, mid = 1.5, n_blocks // 2
     if n_blocks < 24:  # the small models: the candidates of speed.py
-        from dataclasses import replace
-
         layers = (mid, mid + 1, mid + 2) if family == "sd3" else (mid - 2, mid - 1, mid, mid + 1)
         full, q = replace(full, layers=layers), replace(q, layers=layers)
-    from dataclasses import replace
-
     table = {
         "cfg": dict(guidance=[emag.CFG(w)]),
         "emag-full": dict(guidance=[emag.CFG(w), replace(full, ema_storage="dense")]),
@@ -74,12 +72,6 @@ def methods(family: str, n_blocks: int) -> dict:
     if family == "sd3":
         table["emag-full-joined"] = dict(guidance=[emag.CFG(w), replace(full, ema_storage="dense")], batching="all")
     return table
-
-
-def steps_of(family: str, n_blocks: int) -> int:
-    if n_blocks < 24:
-        return 28 if family == "sd3" else 250
-    return 28 if family == "sd3" else 250
 
 
 def inputs_for(family: str, pipe, hw: int, tokens: int, batch: int, device: str, dtype: torch.dtype) -> dict:
@@ -139,7 +131,7 @@ def main(argv=None) -> int:
             keep_timesteps_on_cpu(pipe.scheduler)
         weights = sum(t.numel() * t.element_size() for t in [*pipe.transformer.parameters(), *pipe.transformer.buffers()])
         n_blocks = len(pipe.transformer.transformer_blocks)
-        steps = args.steps or steps_of(family, n_blocks)
+        steps = args.steps or (28 if family == "sd3" else 250)
         table = methods(family, n_blocks)
         if args.only:
             table = {k: v for k, v in table.items() if k in args.only}

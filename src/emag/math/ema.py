@@ -45,7 +45,7 @@ def ema_deviation_sums(ema: Tensor, live: Tensor) -> Tensor:
     return (ema - live.to(ema.dtype)).abs_().flatten(1).sum(dim=1, dtype=acc)
 
 
-def head_chunks(shape: torch.Size | tuple[int, ...], max_elements: int = 1 << 24) -> list[slice]:
+def head_chunks(shape: torch.Size | tuple[int, ...], max_elements: int = 1 << 22) -> list[slice]:
     """Slices of dim 1 (heads) of a ``[B, H, ...]`` tensor, each spanning at most ``max_elements``
     elements (at least one head): the EMA is fed chunk by chunk so that no map-sized temporary is held.
 

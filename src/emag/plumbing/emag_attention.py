@@ -31,7 +31,7 @@ from .edits import AttentionEdit, AttentionInfo
 
 
 # the EMA is fed by chunks of heads of at most this many elements (the temporaries of one chunk)
-FEED_CHUNK_ELEMENTS = 1 << 24
+FEED_CHUNK_ELEMENTS = 1 << 22
 
 
 @dataclass
