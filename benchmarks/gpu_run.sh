@@ -10,7 +10,13 @@
 #                      --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #     device run:  carry [".whl"], command "bash benchmarks/gpu_run.sh", timeout_s 560
 # Results (tables and JSON) land in $OUT; commit them to benchmarks/results/ with this command line.
+# Rehearse it on a CPU first (tiny sizes, 2 steps, same commands):  SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_run.sh
 set -uo pipefail
+if [ "${SMOKE:-0}" = 1 ]; then
+    DEV=(--device cpu --dtype float32 --steps 2); SD3=cpu-small; DIT256=cpu-small-dit; DIT512=cpu-small-dit
+else
+    DEV=(--device cuda --dtype float16); SD3=sd3-medium; DIT256=dit-xl-2-256; DIT512=dit-xl-2-512
+fi
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -21,7 +27,7 @@ export PYTHONPATH=src:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$OUT/gpu.txt" 2>&1 || true
 python3 -c "import torch, diffusers; print('torch', torch.__version__, 'diffusers', diffusers.__version__)" >> "$OUT/gpu.txt"
 # EMAG's explicit maps take their softmax in place (emag.math.ema.attention_probs): check it on this GPU
-python3 -c "
+[ "${SMOKE:-0}" = 1 ] || python3 -c "
 import torch
 x = torch.randn(2, 24, 4096, 4429, device='cuda', dtype=torch.float16) * 4
 ref = x.softmax(-1)
@@ -30,10 +36,10 @@ print('in-place softmax equals softmax (CUDA fp16, SD3-Medium map):', torch.equa
 
 bench() {  # name, then speed.py arguments; each run is capped so one slow case cannot eat the lease
     local name=$1; shift
-    timeout 170 python3 benchmarks/speed.py --device cuda --dtype float16 "$@" --json "$OUT/$name.json" \
+    timeout 170 python3 benchmarks/speed.py "${DEV[@]}" "$@" --json "$OUT/$name.json" \
         2>&1 | grep -v "Casting directly" | tee "$OUT/$name.txt"
 }
-bench h200_sd3_medium_b1 --size sd3-medium --batch 1 --repeats 2
-bench h200_sd3_medium_b4 --size sd3-medium --batch 4 --repeats 1 --only cfg emag-full emag-q emag-full-joined emag-q-joined emag-full-straightforward emag-q-straightforward
-bench h200_dit_xl_2_256 --size dit-xl-2-256 --batch 1 4 --repeats 2
-bench h200_dit_xl_2_512 --size dit-xl-2-512 --batch 1 --repeats 2
+bench h200_sd3_medium_b1 --size $SD3 --batch 1 --repeats 2
+bench h200_sd3_medium_b4 --size $SD3 --batch 4 --repeats 1 --only cfg emag-full emag-q emag-full-joined emag-q-joined emag-full-straightforward emag-q-straightforward
+bench h200_dit_xl_2_256 --size $DIT256 --batch 1 4 --repeats 2
+bench h200_dit_xl_2_512 --size $DIT512 --batch 1 --repeats 2
