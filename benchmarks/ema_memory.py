@@ -6,7 +6,7 @@ runs anywhere in a second:
     python benchmarks/ema_memory.py
 
 - dense:    candidates x rows x H x N_i x N_k x bytes(EMA dtype) (the reference also holds one
-            layer's full |E - R| while a block is fed; we reduce it row group by row group);
+            layer's full |E - R| while a block is fed; we feed and score by chunks of heads);
 - factored: candidates x stored updates x rows x H x (N_i + N_k) x d x bytes(model dtype);
 - q:        candidates x rows x H x N_i x d x bytes(EMA dtype).
 

@@ -371,7 +371,7 @@ class EMAGReplace(AttentionEdit):
 
     def probs(self, p, info: AttentionInfo, rows):
         cfg, n = self.state.config, info.num_image_tokens
-        if self.row_mask is None and cfg.blend == 1.0:
+        if self.row_mask is None and cfg.blend == 1.0 and not p.requires_grad:
             # hard replacement written into the group's own map (``E.to(dtype)`` bit for bit): no second map
             self.state.replace_into(self.layer, _tracked(p, n, cfg.rows), self.ema_rows)
             if cfg.rows != "image_rows":
