@@ -70,11 +70,12 @@ def _peak(pipe, device, inputs, steps, **kw):
     return pm.measure(pipe, inputs, steps, kw, device)
 
 
+@pytest.mark.parametrize("storage", ["dense", "factored"])
 @pytest.mark.parametrize("family", ["sd3", "dit"])
-def test_meta_count_equals_the_cpu_count_of_a_real_run(family):
+def test_meta_count_equals_the_cpu_count_of_a_real_run(family, storage):
     """The modelled meta run allocates what the real CPU run allocates (same schedule, same blocks)."""
     # selection "all": no data-dependent choice (on meta a value read gives 0, i.e. the first candidate)
-    e = emag.EMAG(layers=[1, 2, 3], ema_window=(0.0, 0.9), apply_window=(0.2, 0.8), ema_storage="dense",
+    e = emag.EMAG(layers=[1, 2, 3], ema_window=(0.0, 0.9), apply_window=(0.2, 0.8), ema_storage=storage,
                   selection="all")
     results = {}
     for device in ("cpu", "meta"):
@@ -91,7 +92,8 @@ def test_meta_count_equals_the_cpu_count_of_a_real_run(family):
     cpu, meta = results["cpu"], results["meta"]
     assert meta["block_rows"] == cpu["block_rows"]
     assert meta["ema_state_mib"] == cpu["ema_state_mib"] > 0
-    assert abs(meta["peak_bytes"] - cpu["peak_bytes"]) <= 1024, (meta, cpu)  # a few CPU-side scalars
+    # the state's small CPU-side bookkeeping (row flags, factored score sums) counts in the CPU run only
+    assert abs(meta["peak_bytes"] - cpu["peak_bytes"]) <= max(1024, 0.01 * cpu["peak_bytes"]), (meta, cpu)
 
 
 def test_attention_probs_allocates_one_map():
