@@ -33,6 +33,20 @@ x = torch.randn(2, 24, 4096, 4429, device='cuda', dtype=torch.float16) * 4
 ref = x.softmax(-1)
 print('in-place softmax equals softmax (CUDA fp16, SD3-Medium map):', torch.equal(torch.softmax(x, -1, out=x), ref))
 " >> "$OUT/gpu.txt" 2>&1
+# ... and build it (and P V) one chunk of heads at a time: check the chunks round as the whole map does
+[ "${SMOKE:-0}" = 1 ] || python3 -c "
+import torch
+from emag.math.ema import attention_probs
+g = torch.Generator('cuda').manual_seed(0)
+q, k, v = (torch.randn(1, 24, n, 64, device='cuda', dtype=torch.float16, generator=g) for n in (4096, 4429, 4429))
+whole = attention_probs(q, k, 0.125, False)
+out = whole @ v
+same_p = same_o = True
+for h in range(24):
+    p = attention_probs(q[:, h:h + 1], k[:, h:h + 1], 0.125, False)
+    same_p &= torch.equal(p, whole[:, h:h + 1]); same_o &= torch.equal(p @ v[:, h:h + 1], out[:, h:h + 1])
+print('map by one head equals the whole map (CUDA fp16, SD3-Medium):', same_p, '; P V:', same_o)
+" >> "$OUT/gpu.txt" 2>&1
 
 bench() {  # name, then speed.py arguments; each run is capped so one slow case cannot eat the lease
     local name=$1; shift

@@ -58,10 +58,24 @@ class AttentionEdit:
         """An additive attention mask ``[1 or B, 1 or H, Nq, Nk]`` (e.g. PAG's identity map)."""
         return None
 
-    def probs(self, p: Tensor, info: AttentionInfo, rows: tuple[int, int]) -> Tensor:
+    def probs(self, p: Tensor, info: AttentionInfo, rows: tuple[int, int], heads: slice | None = None) -> Tensor:
         """Observe or rewrite the group's explicit map ``p``. ``p`` belongs to this group's call alone and
-        may be rewritten in place; an edit must not keep a reference to it beyond the call."""
+        may be rewritten in place; an edit must not keep a reference to it beyond the call. ``heads``: when
+        the map is built by chunks of heads (see :meth:`head_chunks`), the heads ``p`` holds."""
         return p
+
+    def head_chunks(self, shape: tuple[int, ...], info: AttentionInfo) -> list[slice] | None:
+        """The chunks of heads this edit can take the map ``shape`` by (``probs`` is then called once per
+        chunk, in order, between :meth:`begin_heads` and :meth:`end_heads`), or None for the whole map. A
+        group's map is built by chunks only when all its map-reading edits ask for the same chunks."""
+        return None
+
+    def begin_heads(self, shape: tuple[int, ...], device: torch.device, info: AttentionInfo,
+                    rows: tuple[int, int]) -> None:
+        """Before the first chunk of heads of a map of ``shape``."""
+
+    def end_heads(self, info: AttentionInfo, rows: tuple[int, int]) -> None:
+        """After the last chunk of heads."""
 
     def output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows: tuple[int, int],
                sdpa) -> Tensor:
@@ -117,6 +131,22 @@ def _query_rows(mask: Tensor | None, rows: slice) -> Tensor | None:
     if isinstance(mask, Tensor) and mask.dim() >= 2 and mask.shape[-2] > 1:
         return mask[..., rows, :]
     return mask
+
+
+def _head_rows(mask: Tensor | None, heads: slice) -> Tensor | None:
+    """The heads ``heads`` of an attention mask (a mask broadcast over heads stays as it is)."""
+    if isinstance(mask, Tensor) and mask.dim() == 4 and mask.shape[1] > 1:
+        return mask[:, heads]
+    return mask
+
+
+def _agreed_head_chunks(edits, shape: tuple[int, ...], info: AttentionInfo) -> list[slice] | None:
+    """The chunks of heads every map-reading edit of a group asks for, when they agree on more than one."""
+    wanted = [e.head_chunks(shape, info) for e in edits if e.needs_probs]
+    first = wanted[0] if wanted else None
+    if first is None or len(first) < 2 or any(w != first for w in wanted[1:]):
+        return None
+    return first
 
 
 def _split_block_io(arch: Architecture, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
@@ -252,19 +282,46 @@ class EditScope:
             n = info.num_image_tokens
             split = n < q.shape[2] and all(e.image_rows_only for e in edits if e.needs_probs)
             # split: the map of the image-query rows only; the other query rows keep fused attention
-            p = attention_probs(q[:, :, :n] if split else q, k, info.scale, info.arch.scale_queries_first,
-                                _query_rows(mask, slice(None, n)) if split else mask)
-            for e in edits:
-                p = e.probs(p, info, rows)
-            if not modifies:
-                return None
-            out = (p @ v).to(q.dtype)
+            q_map = q[:, :, :n] if split else q
+            mask_map = _query_rows(mask, slice(None, n)) if split else mask
+            chunks = _agreed_head_chunks(edits, (*q_map.shape[:3], k.shape[2]), info)
+            if chunks is None:
+                p = attention_probs(q_map, k, info.scale, info.arch.scale_queries_first, mask_map)
+                for e in edits:
+                    p = e.probs(p, info, rows)
+                if not modifies:
+                    return None
+                out = (p @ v).to(q.dtype)
+            else:
+                out = self._attention_by_heads(q_map, k, v, mask_map, edits, chunks, info, rows, modifies)
+                if out is None:
+                    return None
             if split:
                 rest = sdpa(q[:, :, n:], k, v, attn_mask=_query_rows(mask, slice(n, None)), scale=a["scale"])
                 out = torch.cat([out, rest], dim=2)
         for e in edits:
             if e.edits_output:
                 out = e.output(out, q, k, v, info, rows, sdpa)
+        return out
+
+    @staticmethod
+    def _attention_by_heads(q, k, v, mask, edits, chunks, info, rows, modifies) -> Tensor | None:
+        """The explicit map and its output built chunk by chunk of heads: the same values as the whole
+        map (each head's map and ``P V`` are independent), with one chunk's map alive at a time."""
+        shape = (*q.shape[:3], k.shape[2])
+        users = [e for e in edits if e.needs_probs]
+        for e in users:
+            e.begin_heads(shape, q.device, info, rows)
+        out = q.new_empty((*q.shape[:-1], v.shape[-1])) if modifies else None
+        for h in chunks:
+            p = attention_probs(q[:, h], k[:, h], info.scale, info.arch.scale_queries_first, _head_rows(mask, h))
+            for e in edits:
+                p = e.probs(p, info, rows, heads=h)
+            if modifies:
+                out[:, h] = p @ v[:, h]
+            del p
+        for e in users:
+            e.end_heads(info, rows)
         return out
 
     # -- blocks ------------------------------------------------------------------------------------

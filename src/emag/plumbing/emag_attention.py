@@ -49,6 +49,9 @@ class LayerState:
     _diff_sum: Tensor | None = None  # sum |E - R| per EMA row in the current update, float64
     _entropy: Tensor | None = None
     _round: Tensor | None = None  # [R] bool: rows fed in the current update (it may span several passes)
+    _first: bool = False  # the open update is the first one of its rows (E := R)
+    _sums: Tensor | None = None  # sum |E - R| per fed row in the open update, float64
+    _next_head: int = 0  # the open update has fed the heads before this one
 
     @property
     def nbytes(self) -> int:
@@ -195,37 +198,70 @@ class EMAGState:
 
     def feed(self, layer: int, live: Tensor, ema_rows: slice) -> None:
         """Feed ``live`` (the rows ``ema_rows`` of the EMA) into block ``layer``'s EMA (emag.md section 3)."""
-        st = self.states[layer]
         live = live.detach()
+        self.begin_feed(layer, live.shape, live.device, ema_rows)
+        self.feed_heads(layer, live, ema_rows)
+        self.end_feed(layer, ema_rows, live)
+
+    def begin_feed(self, layer: int, shape: torch.Size, device: torch.device, ema_rows: slice) -> None:
+        """Open one update of the rows ``ema_rows`` by a live tensor of ``shape``; then :meth:`feed_heads`
+        over all heads (at once or by chunks of heads, in order) and :meth:`end_feed`."""
+        st = self.states[layer]
         dtype = self.config.ema_dtype
-        shape = (self.ema_rows, *live.shape[1:])
+        shape = (self.ema_rows, *shape[1:])
         if st.ema is None:
-            st.ema = torch.zeros(shape, dtype=dtype, device=live.device)
+            st.ema = torch.zeros(shape, dtype=dtype, device=device)
             st.filled = torch.zeros(self.ema_rows, dtype=torch.bool)
         if tuple(st.ema.shape) != shape:
             raise RuntimeError(f"EMAG block {layer}: the EMA has shape {tuple(st.ema.shape)} but this pass gives "
                                f"{tuple(shape)}; the batch or resolution changed within one call.")
         if st._diff_sum is None:
-            st.elements_per_row = live[0].numel()
-            st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64, device=live.device)
-            st._entropy = torch.zeros(self.ema_rows, dtype=dtype, device=live.device) if self.need_entropy else None
+            st.elements_per_row = st.ema[0].numel()
+            st._diff_sum = torch.zeros(self.ema_rows, dtype=torch.float64, device=device)
+            st._entropy = torch.zeros(self.ema_rows, dtype=dtype, device=device) if self.need_entropy else None
         self._mark_round(st, layer, ema_rows)
-        e = st.ema[ema_rows]
-        first = self._first_rows(st, layer, ema_rows)
-        sums = torch.zeros(e.shape[0], dtype=torch.float64, device=e.device)
+        st._first = self._first_rows(st, layer, ema_rows)
+        st._sums = torch.zeros(st.ema[ema_rows].shape[0], dtype=torch.float64, device=device)
+        st._next_head = 0
+
+    def feed_heads(self, layer: int, live: Tensor, ema_rows: slice, heads: slice = slice(None)) -> None:
+        """Feed the heads ``heads`` of the live tensor (``live`` holds those heads only) into the EMA.
+
+        The update is elementwise, so any split into chunks of heads gives the same EMA bit for bit; the
+        score's sums are taken over :func:`head_chunks` of what is fed, so feeding by the same chunks
+        gives the same score bit for bit.
+        """
+        st = self.states[layer]
+        e = st.ema[ema_rows][:, heads]
+        start = range(st.ema.shape[1])[heads].start
+        if start != st._next_head or tuple(live.shape) != tuple(e.shape):
+            raise RuntimeError(f"EMAG block {layer}: heads fed out of order or with the wrong shape "
+                               f"({tuple(live.shape)} for heads from {start}, expected {tuple(e.shape)} from "
+                               f"{st._next_head}).")
+        st._next_head = start + e.shape[1]
+        dtype, beta = self.config.ema_dtype, self.config.beta
         for h in head_chunks(e.shape, FEED_CHUNK_ELEMENTS):  # elementwise update: by chunks of heads, no map-sized temporaries
             x, eh = live[:, h].to(dtype), e[:, h]
-            if first:
+            if st._first:
                 eh.copy_(x)  # first update: E := R, D := 0
                 continue
             if self.score_timing == "before":
-                sums += ema_deviation_sums(eh, x)
-            ema_update_(eh, x, self.config.beta)
+                st._sums += ema_deviation_sums(eh, x)
+            ema_update_(eh, x, beta)
             if self.score_timing == "after":
-                sums += ema_deviation_sums(eh, x)
-        st._diff_sum[ema_rows] = sums
+                st._sums += ema_deviation_sums(eh, x)
+
+    def end_feed(self, layer: int, ema_rows: slice, live: Tensor | None = None) -> None:
+        """Close the update opened by :meth:`begin_feed` (``live``: the whole live tensor, for the entropy)."""
+        st = self.states[layer]
+        if st._next_head != st.ema.shape[1]:
+            raise RuntimeError(f"EMAG block {layer}: an update fed {st._next_head} of {st.ema.shape[1]} heads.")
+        st._diff_sum[ema_rows] = st._sums
+        st._sums = None
         if self.need_entropy:
-            st._entropy[ema_rows] = row_entropy(live.to(dtype))
+            if live is None:
+                raise RuntimeError("EMAG's entropy selection needs the whole live map of an update.")
+            st._entropy[ema_rows] = row_entropy(live.to(self.config.ema_dtype))
 
     def _mark_round(self, st: LayerState, layer: int, ema_rows: slice) -> None:
         if st._round is None or bool(st._round.all()):
@@ -263,14 +299,15 @@ class EMAGState:
                                "the replacement window must not start before the EMA window.")
         return st
 
-    def replacement(self, layer: int, live: Tensor, ema_rows: slice) -> Tensor:
+    def replacement(self, layer: int, live: Tensor, ema_rows: slice, heads: slice = slice(None)) -> Tensor:
+        """``lambda E + (1 - lambda) R`` for the rows ``ema_rows`` and heads ``heads`` (``live`` holds them)."""
         st = self._check_fed(layer, ema_rows)
-        return blend(st.ema[ema_rows], live, self.config.blend)
+        return blend(st.ema[ema_rows][:, heads], live, self.config.blend)
 
-    def replace_into(self, layer: int, live: Tensor, ema_rows: slice) -> None:
+    def replace_into(self, layer: int, live: Tensor, ema_rows: slice, heads: slice = slice(None)) -> None:
         """Hard replacement (``lambda = 1``) written into ``live`` in place: the same values as
         :meth:`replacement` without a second map-sized tensor."""
-        live.copy_(self._check_fed(layer, ema_rows).ema[ema_rows])
+        live.copy_(self._check_fed(layer, ema_rows).ema[ema_rows][:, heads])
 
     def replacement_output(self, layer: int, live_out: Tensor, value: Tensor, ema_rows: slice, sdpa,
                            scale: float) -> Tensor:
@@ -279,6 +316,17 @@ class EMAGState:
         ev = factored_output(st.stored, ema_rows, value, sdpa, scale)
         lam = self.config.blend
         return (lam * ev + (1.0 - lam) * live_out.float()).to(live_out.dtype) if lam != 1.0 else ev.to(live_out.dtype)
+
+
+def _map_head_chunks(state: EMAGState, shape: tuple[int, ...], info: AttentionInfo) -> list[slice] | None:
+    """The chunks of heads a dense full-map EMA takes its live map by: those :meth:`EMAGState.feed_heads`
+    sums the score over, so the map built chunk by chunk gives the same EMA and score bit for bit.
+    None (the whole map) for the options whose statistics span heads or whose tracked block is part of a
+    row (entropy selection, ``img2img`` / ``img2txt``)."""
+    cfg = state.config
+    if cfg.variant != "full" or state.factored or cfg.rows != "image_rows" or state.need_entropy:
+        return None
+    return head_chunks((shape[0], shape[1], min(shape[2], info.num_image_tokens), *shape[3:]), FEED_CHUNK_ELEMENTS)
 
 
 def _tracked(p: Tensor, n_img: int, rows: str) -> Tensor:
@@ -318,10 +366,24 @@ class EMAGFeed(AttentionEdit):
                 self.state.feed_factored(self.layer, q_img, k, self.ema_rows, info)
         return q
 
-    def probs(self, p, info: AttentionInfo, rows):
+    def head_chunks(self, shape, info: AttentionInfo):
+        return _map_head_chunks(self.state, shape, info) if self.repeats == 1 else None
+
+    def begin_heads(self, shape, device, info: AttentionInfo, rows) -> None:
+        self.state.begin_feed(self.layer, (shape[0], shape[1], min(shape[2], info.num_image_tokens), *shape[3:]),
+                              device, self.ema_rows)
+
+    def probs(self, p, info: AttentionInfo, rows, heads=None):
+        tracked = _tracked(p, info.num_image_tokens, self.state.config.rows)
+        if heads is not None:  # one chunk of heads of an update opened by begin_heads
+            self.state.feed_heads(self.layer, tracked, self.ema_rows, heads)
+            return p
         for _ in range(self.repeats):
-            self.state.feed(self.layer, _tracked(p, info.num_image_tokens, self.state.config.rows), self.ema_rows)
+            self.state.feed(self.layer, tracked, self.ema_rows)
         return p
+
+    def end_heads(self, info: AttentionInfo, rows) -> None:
+        self.state.end_feed(self.layer, self.ema_rows)
 
     def finish(self, info: AttentionInfo) -> None:
         self.state.finish(self.layer)
@@ -369,15 +431,19 @@ class EMAGReplace(AttentionEdit):
         new = self._masked(self.state.replacement(self.layer, q_img, self.ema_rows), q_img)
         return torch.cat([new, q[:, :, n:]], dim=2)
 
-    def probs(self, p, info: AttentionInfo, rows):
+    def head_chunks(self, shape, info: AttentionInfo):
+        return _map_head_chunks(self.state, shape, info)
+
+    def probs(self, p, info: AttentionInfo, rows, heads=None):
         cfg, n = self.state.config, info.num_image_tokens
+        heads = slice(None) if heads is None else heads
         if self.row_mask is None and cfg.blend == 1.0 and not p.requires_grad:
             # hard replacement written into the group's own map (``E.to(dtype)`` bit for bit): no second map
-            self.state.replace_into(self.layer, _tracked(p, n, cfg.rows), self.ema_rows)
+            self.state.replace_into(self.layer, _tracked(p, n, cfg.rows), self.ema_rows, heads)
             if cfg.rows != "image_rows":
                 p[:, :, :n] = renormalize_rows(p[:, :, :n])
             return p
-        new = self.state.replacement(self.layer, _tracked(p, n, cfg.rows), self.ema_rows)
+        new = self.state.replacement(self.layer, _tracked(p, n, cfg.rows), self.ema_rows, heads)
         if cfg.rows == "image_rows" and p.shape[2] == n:  # the map holds the image-query rows only
             return self._masked(new, p)
         edited = p.clone()
