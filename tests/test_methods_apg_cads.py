@@ -1,5 +1,6 @@
 """APG and CADS: equations against independent hand-written versions, composition, state and RNG hygiene."""
 
+import dataclasses
 import math
 
 import pytest
@@ -401,3 +402,36 @@ def test_cads_config_errors():
             emag.CADS(**bad)
     with pytest.raises(TypeError):
         emag.CADS(seed=1.5)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: emag.APG(5.0, momentum=-0.5, eta=0.0, norm_threshold=2.0, space="native"),
+    lambda: emag.CFGZeroStar(4.0, zero_init_steps=1),
+    lambda: [emag.CFG(5.0), emag.S2(1.0, form="literal", space="native", layers=[1, 2, 3, 4])],
+])
+def test_a_space_dependent_term_keeps_its_own_space_when_the_others_combine_in_x0(pipe, make):
+    """guidance-methods.md 0.2: each term declares its space and is converted explicitly; forcing the
+    combine into x0 space (as an x0 term such as SAG does) must not move APG-native, CFG-Zero* (velocity)
+    or the literal S² off their own space."""
+    g = make() if isinstance(make(), list) else [make()]
+    own = pipe(**kw(guidance=g)).images
+    x0 = pipe(**kw(guidance=g, combine_space="x0")).images
+    close(x0, own, 1e-5)
+    # ... while the same term computed in x0 space really is different (the test can fail)
+    moved = [dataclasses.replace(t, space="x0") if hasattr(t, "space") else t for t in g]
+    if moved != g:
+        assert (pipe(**kw(guidance=moved)).images - own).abs().max() > 1e-3
+
+
+def test_cfg_zero_star_zero_init_is_zero_velocity_in_any_combine_space(pipe):
+    first = []
+    pipe(**kw(num_inference_steps=2, guidance=[emag.CFGZeroStar(4.0, zero_init_steps=1)], combine_space="x0",
+              callback_on_step_end=lambda p, i, t, k: (first.append(k["latents"].clone()) if i == 0 else None) or {}))
+    torch.testing.assert_close(first[0], sd3_latents(2), rtol=0, atol=1e-6)  # x_1 = x_0 + dt * 0
+
+
+def test_nothing_active_is_the_conditional_prediction_exactly_in_x0_space(pipe):
+    """guidance-methods.md 0.5: w = 1 and every scale 0 gives D_c exactly, even with combine_space="x0"."""
+    g = [emag.CFG(1.0), emag.PAG(0.0, layers=[2])]
+    native = pipe(**kw(guidance=g)).images
+    assert torch.equal(pipe(**kw(guidance=g, combine_space="x0")).images, native)

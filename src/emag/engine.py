@@ -40,8 +40,21 @@ class Predictions(Mapping):
     """Branch predictions of one step in the combine space, plus what terms may need to convert."""
 
     def __init__(self, preds: dict[str, Tensor], inputs: dict[str, Tensor], x: Tensor, space: str, param: Any,
-                 channels: int) -> None:
+                 channels: int, native: dict[str, Tensor] | None = None) -> None:
         self._preds, self.inputs, self.x, self.space, self.param, self.channels = preds, inputs, x, space, param, channels
+        self._native = preds if native is None and space == "native" else native
+        self._spaces: dict[str, Predictions] = {space: self}
+
+    def in_space(self, space: str) -> "Predictions":
+        """The same branch predictions in ``space`` (``"native"`` or ``"x0"``), converted from the model's
+        outputs with each branch's own input."""
+        if space not in self._spaces:
+            if self._native is None:
+                raise RuntimeError("These predictions were built without the native outputs.")
+            preds = {name: self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], eps) if space == "x0"
+                     else eps for name, eps in self._native.items()}
+            self._spaces[space] = Predictions(preds, self.inputs, self.x, space, self.param, self.channels, self._native)
+        return self._spaces[space]
 
     def __getitem__(self, name: str) -> Tensor:
         return self._preds[name]
@@ -56,6 +69,16 @@ class Predictions(Mapping):
         """The x0 estimate of a branch from its own input (SAG's degraded input differs from x_t)."""
         p = self._preds[name]
         return p if self.space == "x0" else self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], p)
+
+
+def _convert(t: Tensor | None, frm: str, to: str, x: Tensor, param: Any, delta: bool = False) -> Tensor | None:
+    """A prediction (or, ``delta=True``, a difference of predictions) at input ``x`` from space ``frm``
+    to space ``to``: the affine map between the model's native output and x0 (its linear part for a
+    difference)."""
+    if t is None or frm == to:
+        return t
+    f = param.to_x0 if to == "x0" else param.from_x0
+    return f(x, t) - f(x, torch.zeros_like(t)) if delta else f(x, t)
 
 
 def free_accelerator_memory() -> int | None:
@@ -317,30 +340,43 @@ class GuidanceEngine:
     # -- combination -------------------------------------------------------------------------------
     def _combine(self, x, ctx, active, outputs, inputs) -> Tensor:
         ch = self.channels
-        space = "x0" if self.combine_space == "x0" or any(r.space == "x0" for r in active) else "native"
-        if space == "x0" and ctx.param is None:
+        # nothing active: the conditional prediction itself (no round trip through x0 space)
+        space = "x0" if active and (self.combine_space == "x0" or any(r.space == "x0" for r in active)) else "native"
+        spaces = {space} | {r.space for r in active if r.space_sensitive}
+        if spaces != {"native"} and ctx.param is None:
             raise ValueError("Combining in x0 space needs the step's parametrisation (scheduler not supported).")
-        preds = {}
-        for name, out in outputs.items():
-            eps = out[:, :ch]
-            preds[name] = ctx.param.to_x0(inputs.get(name, x)[:, :ch], eps) if space == "x0" else eps
-        p = Predictions(preds, inputs, x, space, ctx.param, ch)
+        native = {name: out[:, :ch] for name, out in outputs.items()}
+        p = Predictions(native, inputs, x, "native", ctx.param, ch).in_space(space)
+        xs = x[:, :ch]
+
+        def run(term, fn, *tensors, delta=False):
+            """``fn(p, *tensors)`` in the space ``term`` computes in (its own when its result depends on the
+            space, guidance-methods.md 0.2), converted from and back to the combine space."""
+            own = term.space if term.space_sensitive else space
+            if own == space:
+                return fn(p, *tensors)
+            out = fn(p.in_space(own), *(_convert(t, space, own, xs, ctx.param) for t in tensors))
+            return _convert(out, own, space, xs, ctx.param, delta=delta)
+
         c = p["cond"]
         u = p.get("uncond")
         base = next((r for r in active if r.kind == "base"), None)
+        governs = (lambda r: base) if base is not None and base.space_sensitive else (lambda r: r)
         refined = c
         for r in active:
             if r.kind == "refine":
-                refined = base.apply_refine(r, refined, p, ctx) if base is not None else r.refine(refined, p, ctx)
+                refined = run(governs(r), (lambda q, t, r=r: base.apply_refine(r, t, q, ctx)) if base is not None
+                              else (lambda q, t, r=r: r.refine(t, q, ctx)), refined)
         for r in active:
             if r.kind == "uncond":
-                u = r.replace_uncond(p, ctx)
-        guided = base.combine(refined, u, p, ctx) if base is not None else refined
+                u = run(r, lambda q, r=r: r.replace_uncond(q, ctx))
+        guided = run(base, lambda q, t, v: base.combine(t, v, q, ctx), refined, u) if base is not None else refined
         for r in active:
             if r.kind == "additive":
-                guided = guided + (base.apply_delta(r, c, p, ctx) if base is not None else r.delta(c, p, ctx))
+                guided = guided + run(governs(r), (lambda q, t, r=r: base.apply_delta(r, t, q, ctx)) if base is not None
+                                      else (lambda q, t, r=r: r.delta(t, q, ctx)), c, delta=True)
         if base is not None:
-            guided = base.post(guided, c, ctx)
+            guided = run(base, lambda q, g, t: base.post(g, t, ctx), guided, c)
         if space == "x0":
             guided = ctx.param.from_x0(x[:, :ch], guided)
         if guided is outputs["cond"][:, :ch] and self.guided_channels == ch and outputs["cond"].shape[1] == ch:

@@ -131,8 +131,9 @@ class APG(GuidanceConfig):
         space: ``"x0"`` (default; the APG paper's recommendation, and what ComfyUI does) or
             ``"native"``: the raw model output (epsilon for DiT, velocity for SD3), which is what
             diffusers' guider does. The result depends on the space (projection and clamp are not
-            affine); with ``"x0"`` every other term is combined in x0 space too, which for the
-            affine terms (CFG, PAG, EMAG, ...) gives the same result.
+            affine), so APG is always computed in the space given here, converted from and back to
+            the space the other terms are combined in (x0 when an x0 term such as this one or SAG is
+            active; the affine terms (CFG, PAG, EMAG, ...) give the same result in either space).
         threshold_mode: ``"absolute"`` (paper: ``r`` against ``||diff||``) or ``"rms"``: ``r`` against
             ``||diff|| / sqrt(numel per sample)``, independent of the resolution. The default RMS
             ``r`` is the backbone's absolute default divided by ``sqrt(numel)`` of its reference
@@ -202,6 +203,7 @@ class APGRuntime(TermRuntime):
         super().__init__(config, window)
         self.scale, self.norm_threshold = scale, norm_threshold
         self.space = config.space
+        self.space_sensitive = True  # projection and norm clamp are not affine
         self.on_cfg = config.target in ("cfg", "both")
         self.on_pert = config.target in ("pert", "both")
         self.buffers: dict[Any, Tensor] = {}

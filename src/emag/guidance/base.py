@@ -108,6 +108,10 @@ class TermRuntime:
 
     kind: str = "additive"
     space: str = "native"  # "native" or "x0"
+    # True when the term's result depends on the space it is computed in (non-affine or branch weights not
+    # summing to one, guidance-methods.md 0.2): it is then always computed in ``space`` and converted,
+    # whatever space the other terms are combined in
+    space_sensitive: bool = False
     name: str = "term"
 
     def __init__(self, config: Any, window: StepWindow) -> None:

@@ -76,6 +76,9 @@ class CFG(GuidanceConfig):
 
 
 class CFGRuntime(TermRuntime):
+    """CFG; its rescale runs in the combine space, before the conversion back (guidance-methods.md 11.6):
+    the native output unless an x0 term (APG in x0, SAG) or ``combine_space="x0"`` is active."""
+
     kind = "base"
     name = "cfg"
 
@@ -113,8 +116,12 @@ class CFGZeroStar(GuidanceConfig):
 
 
 class CFGZeroStarRuntime(TermRuntime):
+    """Computed on the velocity (the paper's space: ``s*`` and the zero output are velocity ones), whatever
+    space the other terms are combined in."""
+
     kind = "base"
     name = "cfg_zero_star"
+    space_sensitive = True
 
     def combine(self, c, u, p, ctx) -> Tensor:
         if ctx.index < self.config.zero_init_steps:

@@ -118,6 +118,7 @@ class S2Runtime(PerturbationRuntime):
         super().__init__(config, window, candidates, "s2")
         self.branch_name = "s2"
         self.space = config.space if config.form == "literal" else "native"
+        self.space_sensitive = config.form == "literal"  # its branch weights do not sum to one
         self.batch_size = setup.batch_size
         self.trace: list[tuple[int, list[tuple[int, ...]]]] = []  # (step, dropped blocks per sample)
 

@@ -168,6 +168,7 @@ class SAG(GuidanceConfig):
 class SAGRuntime(TermRuntime):
     kind = "additive"
     space = "x0"
+    space_sensitive = True  # its branch has its own (degraded) input: combined as x0 estimates
     name = "sag"
 
     def __init__(self, config: SAG, window, layer: int) -> None:
