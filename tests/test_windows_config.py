@@ -8,7 +8,8 @@ import torch
 import emag
 from emag.config import resolve
 from emag.layers import parse_layers
-from emag.windows import RemainingStepsWindow, SD3ReferenceWindow, StepContext, Window, window_steps
+from emag.windows import (GuiderWindow, RemainingStepsWindow, SD3ReferenceWindow, StepContext, StrictWindow, Window,
+                          window_steps)
 
 
 def test_fraction_window_is_half_open():
@@ -33,6 +34,24 @@ def test_dit_reference_windows_at_250_steps():
 def test_sd3_reference_window_matches_table_at_28():
     assert window_steps(SD3ReferenceWindow(250, 50, 0), 28) == list(range(0, 23))
     assert window_steps(SD3ReferenceWindow(250, 50, 50), 28) == list(range(5, 23))
+
+
+def test_the_reference_slg_window_and_diffusers_guider_windows():
+    """guidance-methods.md 0.3: the SD3.5 reference's ``i > N*start and i < N*stop`` and diffusers' guiders'
+    ``int(start*N) <= i < int(stop*N)`` (strict lower bound for perturbation guiders)."""
+    for n in (10, 28, 50, 100):
+        assert window_steps(StrictWindow(0.01, 0.2), n) == [i for i in range(n) if i > n * 0.01 and i < n * 0.2]
+    assert window_steps(StrictWindow(0.01, 0.2), 28) == [1, 2, 3, 4, 5]
+    assert window_steps(StrictWindow(0.01, 0.2), 100) == list(range(2, 20))  # half-open [0.01, 0.2): 1..19
+    assert window_steps(Window(0.01, 0.2), 100) == list(range(1, 20))
+    assert window_steps(GuiderWindow(0.01, 0.2), 28) == [0, 1, 2, 3, 4]
+    assert window_steps(GuiderWindow(0.01, 0.2, strict_start=True), 28) == [1, 2, 3, 4]
+    assert window_steps(GuiderWindow(0.0, 1.0, strict_start=True), 4) == [1, 2, 3]  # step 0 never perturbed
+    assert emag.SLG().window == StrictWindow(0.01, 0.2)
+    with pytest.raises(ValueError, match="fraction"):
+        StrictWindow(0.5, 1.5)
+    with pytest.raises(ValueError, match="start"):
+        GuiderWindow(0.6, 0.5)
 
 
 def test_step_context():

@@ -11,7 +11,7 @@ from .config import EMAG, ResolvedEMAG
 from .layers import parse_layers
 from .presets import PRESETS, Preset, get_preset
 from .guidance import APG, CADS, CFG, ERG, PAG, S2, SAG, SEG, SLG, STG, TPG, Autoguidance, CFGZeroStar
-from .windows import RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, Window
+from .windows import GuiderWindow, RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, StrictWindow, Window
 
 __version__ = "0.1.0"
 
@@ -44,11 +44,13 @@ __all__ = [
     "PAG",
     "PRESETS",
     "Preset",
+    "GuiderWindow",
     "RemainingStepsWindow",
     "ResolvedEMAG",
     "S2",
     "SAG",
     "SD3ReferenceWindow",
+    "StrictWindow",
     "SEG",
     "SLG",
     "STG",

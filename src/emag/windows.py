@@ -4,7 +4,9 @@ A window answers "is this term active at this step?" from an explicit :class:`St
 from a call counter. The user-facing form is :class:`Window`: a HALF-OPEN interval of the schedule
 ``[start, stop)`` in fractions of the number of steps, i.e. step ``i`` of ``N`` is inside iff
 ``start <= i / N < stop``. The reference codes' own windows are kept as named, exact mappings
-(:class:`SD3ReferenceWindow`, :class:`RemainingStepsWindow`) so that published runs are reproduced.
+(:class:`SD3ReferenceWindow`, :class:`RemainingStepsWindow`, :class:`StrictWindow` for the SD3.5
+reference's skip-layer guidance, :class:`GuiderWindow` for diffusers' guiders) so that published runs
+are reproduced.
 """
 
 from __future__ import annotations
@@ -63,12 +65,7 @@ class Window:
     stop: float = 1.0
 
     def __post_init__(self) -> None:
-        for name in ("start", "stop"):
-            v = getattr(self, name)
-            if not isinstance(v, (int, float)) or math.isnan(v) or not 0.0 <= v <= 1.0:
-                raise ValueError(f"Expected `{name}` to be a fraction between 0.0 and 1.0, but got {v!r}.")
-        if self.start > self.stop:
-            raise ValueError(f"Expected `start` <= `stop`, but got start={self.start}, stop={self.stop}.")
+        _check_fractions(self.start, self.stop)
 
     def first_last(self, num_steps: int) -> tuple[int, int]:
         """``(first, end)`` step indices, ``end`` exclusive."""
@@ -80,6 +77,54 @@ class Window:
 
     def describe(self) -> str:
         return f"steps i with {self.start:g} <= i/N < {self.stop:g}"
+
+
+def _check_fractions(start: float, stop: float) -> None:
+    for name, v in (("start", start), ("stop", stop)):
+        if not isinstance(v, (int, float)) or math.isnan(v) or not 0.0 <= v <= 1.0:
+            raise ValueError(f"Expected `{name}` to be a fraction between 0.0 and 1.0, but got {v!r}.")
+    if start > stop:
+        raise ValueError(f"Expected `start` <= `stop`, but got start={start}, stop={stop}.")
+
+
+@dataclass(frozen=True)
+class StrictWindow:
+    """``N * start < i < N * stop``, strict on both sides (guidance-methods.md 0.3, convention 2): the
+    SD3.5 reference's and diffusers' SD3 pipeline's skip-layer-guidance window, evaluated exactly as
+    they write it (``i > N * start and i < N * stop``, floats)."""
+
+    start: float = 0.0
+    stop: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check_fractions(self.start, self.stop)
+
+    def contains(self, ctx: StepContext) -> bool:
+        return ctx.index > ctx.num_steps * self.start and ctx.index < ctx.num_steps * self.stop
+
+    def describe(self) -> str:
+        return f"steps i with N*{self.start:g} < i < N*{self.stop:g}"
+
+
+@dataclass(frozen=True)
+class GuiderWindow:
+    """diffusers' guiders (guidance-methods.md 0.3, convention 1): ``int(start * N) <= i < int(stop * N)``;
+    ``strict_start=True`` is their perturbation guiders' (SLG, PAG, SEG) ``int(start * N) < i``."""
+
+    start: float = 0.0
+    stop: float = 1.0
+    strict_start: bool = False
+
+    def __post_init__(self) -> None:
+        _check_fractions(self.start, self.stop)
+
+    def contains(self, ctx: StepContext) -> bool:
+        first, end = int(self.start * ctx.num_steps), int(self.stop * ctx.num_steps)
+        return (first < ctx.index if self.strict_start else first <= ctx.index) and ctx.index < end
+
+    def describe(self) -> str:
+        op = "<" if self.strict_start else "<="
+        return f"steps i with int({self.start:g}*N) {op} i < int({self.stop:g}*N)"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Any
 
 from ..layers import LayerSpec, parse_layers
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
+from ..windows import StrictWindow
 from .perturbation import IdentityAttention, PerturbationRuntime, SkipBlock, resolve_layers
 
 DEFAULT_LAYERS = {"sd3": (7, 8, 9), "dit": lambda n: (n // 2 - 1, n // 2, n // 2 + 1)}
@@ -18,14 +19,14 @@ DEFAULT_LAYERS = {"sd3": (7, 8, 9), "dit": lambda n: (n // 2 - 1, n // 2, n // 2
 class SLG(GuidanceConfig):
     """``D += s (c - c_skip)`` where ``c_skip`` skips whole blocks (both streams on MMDiT).
 
-    Defaults follow diffusers' SD3 pipeline: scale 2.8, blocks 7-9, window (0.01, 0.2). Our window is
-    half-open on ``i/N`` (``0.01 <= i/N < 0.2``); the SD3.5 reference and diffusers use strict bounds on
-    both sides, which excludes step 0 at every N (give ``window=(0.04, 0.2)`` at 28 steps to match it).
+    Defaults follow the SD3.5 reference and diffusers' SD3 pipeline: scale 2.8, blocks 7-9, and their
+    window ``N * 0.01 < i < N * 0.2``, strict on both sides (:class:`~emag.StrictWindow`; steps 1-5 of 28,
+    2-19 of 100). A plain ``(start, stop)`` pair is the library's half-open ``start <= i/N < stop``.
     """
 
     scale: float = 2.8
     layers: LayerSpec | None = None
-    window: Any = (0.01, 0.2)
+    window: Any = StrictWindow(0.01, 0.2)
 
     def __post_init__(self) -> None:
         check_scale("scale", self.scale)
