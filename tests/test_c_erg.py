@@ -63,6 +63,24 @@ def test_weak_condition_equals_an_encoder_with_scaled_query_weights(pipe, condit
     assert torch.equal(again[0], normal[0])
 
 
+def test_only_the_named_text_encoders_are_weakened(pipe):
+    """guidance-methods.md 7.3: which SD3 text encoder(s) C-ERG weakens is a config list."""
+    prompt = ["a red cube", "two dogs"]
+    term = ERG(tau=1.0, text_tau=0.3, text_depth=DEPTH, text_encoders=["clip_g"])
+    run(pipe, [emag.CFG(4.0), term])
+    got = pipe.guidance_engine.conditions[term.text_conditions()[0].name]
+    expected = encode_with(pipe, [pipe.text_encoder, scaled_copy(pipe.text_encoder_2, 0.3, [0, 1])], prompt)
+    torch.testing.assert_close(got.embeds, expected[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.pooled, expected[1], rtol=1e-5, atol=1e-6)
+    both = encode_with(pipe, [scaled_copy(e, 0.3, [0, 1]) for e in (pipe.text_encoder, pipe.text_encoder_2)], prompt)
+    assert not torch.allclose(got.embeds, both[0])  # CLIP-L really stayed normal
+    with pytest.raises(ValueError, match="loaded without"):  # the tiny pipeline has no T5
+        run(pipe, [emag.CFG(4.0), ERG(text_tau=0.3, text_depth=DEPTH, text_encoders=("t5",))])
+    for bad in (("clip_x",), (), "clip_l", ("clip_l", "clip_l")):
+        with pytest.raises(ValueError, match="text_encoders"):
+            ERG(text_tau=0.3, text_encoders=bad)
+
+
 def test_neutral_text_tau_gives_the_conditional_prediction_and_a_real_one_changes_it(pipe):
     cond_only = run(pipe, [emag.CFG(1.0)], batching="none")
     neutral = run(pipe, [emag.CFG(4.0), ERG(tau=1.0, text_tau=1.0, text_depth=DEPTH)], batching="none")

@@ -91,6 +91,10 @@ class ERG(GuidanceConfig):
         text_depth: ``(start, stop)`` fractions of each text encoder's depth whose layers are weakened,
             ``start <= i / n < stop``. Default ``(2/3, 11/12)``: ACE-Step's UMT5 layers 8-10 of 12 (CLIP-L
             8-10, CLIP-G 22-29, T5-XXL 16-21); the paper note says every layer, ``(0, 1)``.
+        text_encoders: which SD3 text encoders C-ERG weakens, names from ``("clip_l", "clip_g", "t5")``
+            (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``). ``None`` (default): every loaded
+            one; which ones the paper weakens for SD3 is not known (guidance-methods.md 7.3). An encoder
+            named here must be loaded.
         ``tau=1`` with ``text_tau`` set gives C-ERG alone (no denoiser edit).
     """
 
@@ -102,6 +106,7 @@ class ERG(GuidanceConfig):
     queries: str = "image"
     text_tau: float | None = None
     text_depth: tuple[float, float] = (2 / 3, 11 / 12)
+    text_encoders: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         check_weak_scale(self.scale)
@@ -121,7 +126,9 @@ class ERG(GuidanceConfig):
                 raise ValueError(f"`text_tau` must be in (0, 1] or None (C-ERG off), got {self.text_tau!r}.")
         if isinstance(self.text_depth, list):
             object.__setattr__(self, "text_depth", tuple(self.text_depth))
-        TextWeakening(self.condition, 1.0, self.text_depth)  # validates the depth band
+        if isinstance(self.text_encoders, list):
+            object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
+        TextWeakening(self.condition, 1.0, self.text_depth, self.text_encoders)  # validates the depth band, names
 
     def needs_negative(self) -> bool:
         return self.condition == "uncond"
@@ -130,7 +137,7 @@ class ERG(GuidanceConfig):
         """C-ERG: the weakened text condition the weak branch is fed (none when ``text_tau`` is None)."""
         if self.text_tau is None:
             return []
-        return [TextWeakening(self.condition, float(self.text_tau), self.text_depth)]
+        return [TextWeakening(self.condition, float(self.text_tau), self.text_depth, self.text_encoders)]
 
     def runtime(self, setup: Setup) -> TermRuntime:
         if self.text_tau is not None and setup.family != "sd3":
@@ -157,5 +164,6 @@ class ERGRuntime(WeakGuidanceRuntime):
         d["layers"] = format_layers(self.layers)
         if self.config.text_tau is not None:
             d["text_tau"], d["text_depth"] = self.config.text_tau, list(self.config.text_depth)
+            d["text_encoders"] = None if self.config.text_encoders is None else list(self.config.text_encoders)
         d["role"] = self.kind
         return d

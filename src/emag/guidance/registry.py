@@ -96,6 +96,8 @@ def _convert(cls: type, field: dataclasses.Field, text: str) -> Any:
         if len(parts) != 2:
             raise ValueError(f"{name} expects two numbers START,STOP, got {text!r}.")
         return (float(parts[0]), float(parts[1]))
+    if name == "text_encoders":  # e.g. clip_l+clip_g
+        return tuple(p.strip() for p in text.replace(",", "+").split("+") if p.strip())
     default = field.default if field.default is not dataclasses.MISSING else None
     if isinstance(default, bool) or "bool" in hint:
         if text.lower() in ("1", "true", "yes", "on"):

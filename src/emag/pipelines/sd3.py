@@ -24,7 +24,7 @@ from ..guidance.base import Setup
 from ..parametrization import FlowMatching
 from ..plumbing.architectures import architecture_of
 from ..plumbing.backbones import SD3Backbone, TextCondition
-from ..plumbing.text_weakening import TextWeakening, scaled_queries
+from ..plumbing.text_weakening import TEXT_ENCODERS, TextWeakening, scaled_queries
 from ..windows import StepContext
 from ._guided import (build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, text_weakenings,
                       uses_uncond)
@@ -226,6 +226,18 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
     def _text_encoders(self) -> list:
         return [e for e in (self.text_encoder, self.text_encoder_2, self.text_encoder_3) if e is not None]
 
+    def _named_text_encoders(self, names: tuple[str, ...] | None) -> list:
+        """The text encoders C-ERG weakens, by name (None: every loaded one); a named encoder that is not
+        loaded is an error."""
+        if names is None:
+            return self._text_encoders()
+        loaded = dict(zip(TEXT_ENCODERS, (self.text_encoder, self.text_encoder_2, self.text_encoder_3)))
+        missing = [n for n in names if loaded[n] is None]
+        if missing:
+            raise ValueError(f"ERG `text_encoders` names {missing}, but this pipeline was loaded without them "
+                             f"(loaded: {[n for n, e in loaded.items() if e is not None]}).")
+        return [loaded[n] for n in names]
+
     def _check_weak_text_inputs(self, weak_texts: list[TextWeakening], prompt, negative_prompt,
                                 negative_prompt_embeds) -> None:
         if not weak_texts:
@@ -233,6 +245,8 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         if not self._text_encoders():
             raise ValueError("ERG `text_tau` (C-ERG) re-encodes the prompt with weakened text encoders, but this "
                              "pipeline was loaded without text encoders.")
+        for w in weak_texts:
+            self._named_text_encoders(w.encoders)
         if any(w.source == "cond" for w in weak_texts) and prompt is None:
             raise ValueError("ERG `text_tau` (C-ERG) re-encodes the prompt with weakened text encoders: pass "
                              "`prompt` (text), not only `prompt_embeds`.")
@@ -250,7 +264,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
             p1 = negatives[0] or ""
             p2, p3 = negatives[1] or p1, negatives[2] or p1
             p1, p2, p3 = ([p] * batch_size if isinstance(p, str) else p for p in (p1, p2, p3))
-        with scaled_queries(self._text_encoders(), w.tau, w.depth):
+        with scaled_queries(self._named_text_encoders(w.encoders), w.tau, w.depth):
             embeds, _, pooled, _ = self.encode_prompt(prompt=p1, prompt_2=p2, prompt_3=p3,
                                                       do_classifier_free_guidance=False, **encode_kwargs)
         return TextCondition(embeds, pooled)

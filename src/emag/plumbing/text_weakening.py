@@ -20,6 +20,10 @@ from torch import nn
 
 from ..windows import Window, window_steps
 
+# The SD3 pipelines' text encoders, by the names C-ERG selects them with (``text_encoder``,
+# ``text_encoder_2``, ``text_encoder_3``).
+TEXT_ENCODERS = ("clip_l", "clip_g", "t5")
+
 # Query projections of self-attention in transformers' text encoders: CLIP (``self_attn.q_proj``, also
 # Llama-style models) and T5 / UMT5 (``SelfAttention.q``).
 QUERY_SUFFIXES = ("self_attn.q_proj", "SelfAttention.q")
@@ -27,15 +31,23 @@ QUERY_SUFFIXES = ("self_attn.q_proj", "SelfAttention.q")
 
 @dataclass(frozen=True)
 class TextWeakening:
-    """Encode the ``source`` prompt ("cond" or "uncond") with queries scaled by ``tau`` in ``depth``."""
+    """Encode the ``source`` prompt ("cond" or "uncond") with queries scaled by ``tau`` in ``depth`` of
+    the text encoders named in ``encoders`` (of :data:`TEXT_ENCODERS`; None: every loaded one)."""
 
     source: str
     tau: float
     depth: tuple[float, float]
+    encoders: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("cond", "uncond"):
             raise ValueError(f"TextWeakening source must be 'cond' or 'uncond', got {self.source!r}.")
+        if self.encoders is not None and (isinstance(self.encoders, str) or not isinstance(self.encoders, tuple)
+                                          or not self.encoders
+                                          or any(e not in TEXT_ENCODERS for e in self.encoders)
+                                          or len(set(self.encoders)) != len(self.encoders)):
+            raise ValueError(f"C-ERG `text_encoders` must be a non-empty tuple of distinct names from "
+                             f"{TEXT_ENCODERS}, got {self.encoders!r}.")
         if not (isinstance(self.depth, tuple) and len(self.depth) == 2):
             raise ValueError(f"C-ERG `depth` must be a (start, stop) pair of fractions, got {self.depth!r}.")
         Window(*self.depth)  # validates 0 <= start <= stop <= 1
@@ -44,7 +56,8 @@ class TextWeakening:
 
     @property
     def name(self) -> str:
-        return f"{self.source}:text-tau={self.tau:g}@{self.depth[0]:g}-{self.depth[1]:g}"
+        which = "" if self.encoders is None else "[" + ",".join(self.encoders) + "]"
+        return f"{self.source}:text-tau={self.tau:g}@{self.depth[0]:g}-{self.depth[1]:g}{which}"
 
 
 def query_projections(encoder: nn.Module) -> list[nn.Module]:
