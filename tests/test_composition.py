@@ -140,6 +140,25 @@ def test_cfg_zero_star_zero_init_and_scale(pipe):
     assert out1.shape == sd3_latents(2).shape
 
 
+@pytest.mark.parametrize("original", [False, True])
+def test_cfg_zero_star_combination_against_the_formula(original):
+    """guidance-methods.md 1.4: s* = <c, u> / (||u||^2 + 1e-8) per sample; D = s* u + w (c - s* u), or in the
+    original formulation D = c + w (c - s* u); zero output for the first zero_init_steps steps."""
+    from emag.guidance.base import Setup
+    from emag.windows import StepContext
+
+    g = torch.Generator().manual_seed(0)
+    c, u = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    cfg = emag.CFGZeroStar(3.0, zero_init_steps=1, original_formulation=original)
+    rt = cfg.runtime(Setup("sd3", None, 4, 10, 2, "flow", 4))
+    s = torch.stack([(c[i].double() * u[i].double()).sum() / (u[i].double().pow(2).sum() + 1e-8) for i in range(2)])
+    s = s.view(2, 1, 1, 1)
+    expected = c + 3.0 * (c - s * u) if original else s * u + 3.0 * (c - s * u)
+    got = rt.combine(c, u, {}, StepContext(1, 10))
+    torch.testing.assert_close(got, expected.float(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(rt.combine(c, u, {}, StepContext(0, 10)), torch.zeros_like(c))
+
+
 def test_dit_composition_pag_and_neutral(tmp_path):
     base = tiny_dit_pipeline(num_layers=6)
     p = emag.DiTEMAGPipeline.from_pipe(base)

@@ -96,16 +96,23 @@ class CFGRuntime(TermRuntime):
 class CFGZeroStar(GuidanceConfig):
     """CFG-Zero* (Fan et al. 2025): ``D = s* u + w (c - s* u)`` with the per-sample optimised scale
     ``s*``, and the output zeroed for the first ``zero_init_steps`` steps. Flow-matching models only:
-    a zero velocity leaves ``x_t`` in place, while a zero epsilon would not."""
+    a zero velocity leaves ``x_t`` in place, while a zero epsilon would not.
+
+    ``original_formulation=True``: the original-CFG form ``D = c + w (c - s* u)`` (guidance-methods.md
+    1.4, diffusers' ``use_original_formulation``; ``w`` there is ``w' = w_Imagen - 1``).
+    """
 
     scale: float = 4.0
     zero_init_steps: int = 1
     window: Any = None
+    original_formulation: bool = False
 
     def __post_init__(self) -> None:
         check_scale("scale", self.scale)
         if not isinstance(self.zero_init_steps, int) or self.zero_init_steps < 0:
             raise ValueError(f"`zero_init_steps` must be an int >= 0, got {self.zero_init_steps!r}.")
+        if not isinstance(self.original_formulation, bool):
+            raise TypeError(f"`original_formulation` must be True or False, got {self.original_formulation!r}.")
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
@@ -127,4 +134,6 @@ class CFGZeroStarRuntime(TermRuntime):
         if ctx.index < self.config.zero_init_steps:
             return torch.zeros_like(c)
         s = zero_star_scale(c, u)
+        if self.config.original_formulation:
+            return c + self.config.scale * (c - s * u)
         return s * u + self.config.scale * (c - s * u)
