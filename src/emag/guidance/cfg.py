@@ -35,7 +35,8 @@ class CFG(GuidanceConfig):
     """Classifier-free guidance ``D = u + w (c - u)`` (Ho & Salimans 2022; Imagen convention, w = 1 is off).
 
     Args:
-        scale: ``w``; ``1`` is neutral (no unconditional pass is run).
+        scale: ``w``; ``1`` is neutral (no unconditional pass is run). Default 7.0, SD3's (diffusers'
+            default); for DiT-XL/2 give it: 1.5 (the FID protocol) or 4.0 (diffusers' DiT default, visual).
         window: step window (fractions ``(start, stop)``, half-open) or a :class:`~emag.SigmaInterval`.
         interval: the guidance interval of Kynkäänniemi et al. (NeurIPS 2024): ``(sigma_lo, sigma_hi]`` in
             EDM sigma; outside it CFG is off and the unconditional pass is skipped. Exclusive with ``window``.
