@@ -57,7 +57,7 @@ def test_neutral_additive_is_the_base_pipeline_exactly(base):
     p = emag.DiTEMAGPipeline.from_pipe(base)
     lat = dit_latents(2)
     expected = base(class_labels=[1, 2], guidance_scale=4.0, generator=gen(0), num_inference_steps=10, output_type="pt")
-    e = emag.EMAG(scale=0.0, layers=LAYERS, combination="additive",
+    e = emag.EMAG(scale=0.0, layers=LAYERS, combination="additive", guided_channels=4,
                   ema_window=RemainingStepsWindow(2, 8), apply_window=RemainingStepsWindow(0, 6))
     out = p(class_labels=[1, 2], guidance_scale=4.0, generator=gen(0), num_inference_steps=10, output_type="pt",
             emag=e)
@@ -69,8 +69,20 @@ def test_neutral_additive_is_the_base_pipeline_exactly(base):
 def test_neutral_nested_is_plain_cfg_on_the_same_rows(pipe, variant):
     cfg = pipe(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=1.5,
                output_type="latent", generator=gen(), noise_layout="samples").images
-    out = run(pipe, scale=1.0, variant=variant, guided_channels=None)
+    out = run(pipe, scale=1.0, variant=variant, guided_channels=4)
     assert torch.equal(out, cfg)
+
+
+def test_emag_guides_three_of_four_channels_by_default_as_the_reference(pipe):
+    """emag.md 5.2: the DiT combination is applied to the first 3 latent channels; the 4th and the
+    variance channels come from the conditional prediction. Default EMAG at w_e = 1 is therefore the
+    original DiT sampler's CFG, not diffusers' 4-channel one."""
+    kw = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=1.5,
+              output_type="latent", noise_layout="samples")
+    three = pipe(**kw, generator=gen(), guidance=[emag.CFG(1.5, guided_channels=3)]).images
+    four = pipe(**kw, generator=gen()).images
+    assert not torch.equal(three, four)
+    assert torch.equal(run(pipe, scale=1.0, guided_channels=None), three)
 
 
 CASES = [
@@ -188,9 +200,37 @@ def test_noise_layouts_differ_under_ddpm_and_agree_under_ddim(base, pipe):
     (dict(class_labels=[1], latents=torch.zeros(2, 4, 8, 8)), "shape"),
     (dict(class_labels=[1], noise_layout="pairs"), "noise_layout"),
     (dict(class_labels=[1], emag=emag.EMAG(layers=[9])), "out of range"),
-    (dict(class_labels=[1], emag=emag.EMAG(layers=[1], guided_channels=5)), "guided_channels"),
+    (dict(class_labels=[1], emag=emag.EMAG(layers=[1], guided_channels=5, ema_window=(0, 1), apply_window=(0.5, 1))),
+     "guided_channels"),
+    # the reference's absolute DiT windows never open at 3 steps: an error, not a silent no-op
+    (dict(class_labels=[1], emag=emag.EMAG(layers=[1])), "selects none of the 3 sampling steps.*num_inference_steps=250"),
     (dict(class_labels=[1], guidance=[emag.CFGZeroStar(2.0)]), "flow-matching"),
 ])
 def test_bad_inputs(pipe, kwargs, match):
     with pytest.raises((ValueError, TypeError), match=match):
         pipe(num_inference_steps=3, output_type="latent", **kwargs)
+
+
+def test_emag_defaults_are_the_reference_protocol(pipe, base):
+    """emag.md 5.2: with EMAG the DiT pipeline defaults to CFG 1.5 and the 250-step sampler (whose absolute
+    windows then open); without EMAG it keeps diffusers' 4.0 and 50 steps."""
+    pipe(class_labels=[1], output_type="latent", generator=gen(), emag=emag.EMAG(layers=LAYERS))
+    assert pipe.scheduler.num_inference_steps == 250 and any(r.apply for r in pipe.emag_trace)
+    cfg = next(r for r in pipe.guidance_runtimes if r.name == "cfg")
+    assert cfg.config.scale == 1.5
+    pipe(class_labels=[1], output_type="latent", generator=gen())
+    assert [r.config.scale for r in pipe.guidance_runtimes] == [4.0] and pipe.scheduler.num_inference_steps == 50
+    with pytest.warns(UserWarning, match="dit_reference_scheduler"):  # the hub's DDIM is not the reference sampler
+        emag.DiTEMAGPipeline.from_pipe(base)(class_labels=[1], output_type="latent", num_inference_steps=N,
+                                             emag=emag.EMAG(layers=LAYERS, **windows()))
+
+
+def test_additive_emag_draws_noise_for_the_doubled_batch_in_either_api(pipe):
+    """emag.md 5.2: the additive reference variant draws ancestral noise for all 2B rows."""
+    e = emag.EMAG(scale=3.0, layers=LAYERS, combination="additive", **windows("additive"))
+    kw = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=1.5,
+              output_type="latent")
+    legacy = pipe(**kw, generator=gen(), emag=e).images
+    listed = pipe(**kw, generator=gen(), guidance=[emag.CFG(1.5), e]).images
+    assert torch.equal(listed, legacy)
+    assert not torch.equal(pipe(**kw, generator=gen(), emag=e, noise_layout="samples").images, legacy)

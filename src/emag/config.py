@@ -76,8 +76,10 @@ class EMAG:
             unless the dense maps of all candidate blocks would exceed a quarter of the free memory of
             the device, see :func:`emag.plumbing.emag_attention.dense_budget_bytes`). Full variant,
             ``rows="image_rows"`` only.
-        guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT
-            convention used for the paper's DiT numbers); default all noise channels.
+        guided_channels: DiT only: guide only the first N latent channels, the rest from the conditional
+            prediction. Default ``None``: 3 on 4-channel DiT latents (the original DiT sampler's convention,
+            with which the paper's DiT numbers were made, emag.md 5.2), all channels otherwise; 4 gives
+            diffusers' DiT pipeline convention.
         cond_only_score: opt-in, NOT the reference (SD3, nested): the layer score averages the
             conditional rows only, so the perturbed unconditional rows are never run (cheaper).
     """

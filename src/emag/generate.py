@@ -268,7 +268,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
             out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
                        width=plan.width, **common)
         else:
-            out = pipe(class_labels=[job["condition"]], noise_layout="samples", **common)
+            out = pipe(class_labels=[job["condition"]], **common)  # noise layout: the pipeline's (reference) default
         params = {
             "model": plan.model, "family": plan.family, "method": plan.method, "preset": plan.preset.name,
             "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": seed,

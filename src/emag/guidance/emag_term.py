@@ -40,6 +40,16 @@ def check_windows(cfg: ResolvedEMAG, num_steps: int) -> tuple[list[int], list[in
     """The EMA and replacement steps of this schedule; the replacement may not precede the EMA."""
     ema_steps = window_steps(cfg.ema_window, num_steps)
     apply_steps = window_steps(cfg.apply_window, num_steps)
+    if not cfg.is_neutral and (not ema_steps or not apply_steps):
+        which = "EMA" if not ema_steps else "replacement"
+        window = cfg.ema_window if not ema_steps else cfg.apply_window
+        hint = (" The DiT reference windows are absolute (steps remaining of the reference's 250-step DDPM "
+                "sampler, emag.md 5.2) and never open at 50 steps or fewer: sample with num_inference_steps=250 "
+                "(and pipe.scheduler = emag.dit_reference_scheduler(), the reference sampler), or give fractional "
+                "windows, e.g. EMAG(ema_window=(0.396, 0.8), apply_window=(0.596, 0.8)), their equivalent at "
+                "250 steps." if cfg.family == "dit" else "")
+        raise ValueError(f"EMAG's {which} window ({window.describe()}) selects none of the {num_steps} sampling "
+                         f"steps, so EMAG would silently do nothing.{hint}")
     if apply_steps and (not ema_steps or apply_steps[0] < ema_steps[0]):
         raise ValueError(
             f"EMAG replacement window ({cfg.apply_window.describe()}) starts at step {apply_steps[0]} of "
@@ -214,7 +224,7 @@ class EMAGRuntime(TermRuntime):
 
     # -- combination ----------------------------------------------------------------------------------
     def refine(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
-        """``c' = c_e + w_e (c - c_e)`` (paper Eq. 14), written ``c + (w_e - 1)(c - c_e)``."""
+        """``c' = c_e + w_e (c - c_e)`` (paper Eq. 14, evaluated as written)."""
         c_e = p.get("emag:cond")
         if c_e is None:  # outside the replacement window the perturbed pass equals the normal one
             return c

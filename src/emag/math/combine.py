@@ -3,9 +3,10 @@
 Symbols: ``u``, ``c`` are the unconditional / conditional predictions of the normal pass, ``u_e``,
 ``c_e`` the same from the perturbed (EMAG) pass, ``w`` the CFG scale, ``w_e`` the EMAG scale.
 
-Each combination is written in an algebraically identical form whose neutral setting is exact in
-floating point (``c + 0 * (...)`` is exactly ``c``), so that a neutral EMAG scale reproduces plain CFG
-bit for bit; the reference code's own spelling differs only in rounding (~1 ulp per step).
+Each combination is evaluated as the reference writes it (emag.md 5.1, 5.2): in float16 a different but
+algebraically equal spelling moves SD3 outputs by ~1e-3 relative over a run. The neutral EMAG scale is
+special-cased so that it reproduces plain CFG bit for bit (the reference's ``c_e + 1 (c - c_e)`` equals
+``c`` only up to rounding).
 """
 
 from __future__ import annotations
@@ -19,8 +20,11 @@ def cfg(pred_uncond: Tensor, pred_cond: Tensor, scale: float) -> Tensor:
 
 
 def emag_only(pred_cond: Tensor, pred_cond_emag: Tensor, emag_scale: float) -> Tensor:
-    """EMAG without CFG, ``c' = c_e + w_e (c - c_e)`` (paper Eq. 14), as ``c + (w_e - 1)(c - c_e)``."""
-    return pred_cond + (emag_scale - 1.0) * (pred_cond - pred_cond_emag)
+    """EMAG without CFG, ``c' = c_e + w_e (c - c_e)`` (paper Eq. 14), evaluated in that order; ``w_e = 1``
+    gives ``c`` itself."""
+    if emag_scale == 1.0:
+        return pred_cond
+    return pred_cond_emag + emag_scale * (pred_cond - pred_cond_emag)
 
 
 def emag_nested(

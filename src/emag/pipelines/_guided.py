@@ -52,10 +52,18 @@ def text_weakenings(terms: Sequence[Any]) -> list:
     return list(seen.values())
 
 
-def guided_channels_of(terms: Sequence[Any], channels: int) -> int:
+def guided_channels_of(terms: Sequence[Any], channels: int, family: str = "sd3") -> int:
+    """How many latent channels the guided prediction replaces (the rest come from the conditional one).
+
+    An explicit ``guided_channels`` of any term wins; otherwise EMAG on a 4-channel DiT guides the first
+    3 (the original DiT sampler's convention the published DiT numbers were made with, emag.md 5.2),
+    and everything else guides all channels (diffusers' DiT pipeline).
+    """
     values = {t.guided_channels for t in terms if getattr(t, "guided_channels", None) is not None}
     if len(values) > 1:
         raise ValueError(f"Guidance terms disagree on guided_channels: {sorted(values)}.")
+    if not values and family == "dit" and channels == 4 and any(isinstance(t, EMAG) for t in terms):
+        values = {3}
     n = values.pop() if values else channels
     if n > channels:
         raise ValueError(f"guided_channels={n} exceeds the model's {channels} latent channels.")

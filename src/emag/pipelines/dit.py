@@ -15,6 +15,7 @@ reference mode); ``"samples"`` steps the B samples only (the EMAG reference's co
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,12 @@ class DiTEMAGPipeline(DiTPipeline):
     ``callback_on_step_end``, ``emag`` and ``noise_layout``. With ``emag=None`` it reproduces
     ``DiTPipeline`` exactly (plain CFG on all noise channels, doubled row layout). ``output_type``
     also accepts ``"latent"``. After a call, ``self.emag_trace`` lists what EMAG did at each step.
+
+    With EMAG (``emag=`` or an :class:`~emag.EMAG` in ``guidance``) the defaults are the reference's
+    (emag.md 5.2): ``guidance_scale=1.5``, ``num_inference_steps=250``, the combination on the first 3
+    latent channels, and for ``combination="additive"`` the doubled noise layout; without EMAG they are
+    diffusers' (4.0, 50 steps). EMAG's reference sampler is ancestral DDPM with learned-range variance:
+    ``pipe.scheduler = emag.dit_reference_scheduler()`` (a warning says so when another one is set).
     ``combine_space="x0"`` combines every guidance term in x0 space (default ``"auto"``: only when an
     active term, e.g. APG, asks for it); affine combinations (CFG, PAG, EMAG, ...) give the same result.
     """
@@ -76,6 +83,9 @@ class DiTEMAGPipeline(DiTPipeline):
     def null_class(self) -> int:
         return int(self.transformer.config.num_embeds_ada_norm or 1000)
 
+    def _is_reference_sampler(self) -> bool:
+        return type(self.scheduler).__name__ == "DDPMScheduler" and self._uses_learned_variance()
+
     def _uses_learned_variance(self) -> bool:
         return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
@@ -83,9 +93,9 @@ class DiTEMAGPipeline(DiTPipeline):
     def __call__(
         self,
         class_labels: list[int],
-        guidance_scale: float = 4.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
-        num_inference_steps: int = 50,
+        num_inference_steps: int | None = None,
         output_type: str | None = "pil",
         return_dict: bool = True,
         latents: torch.Tensor | None = None,
@@ -100,10 +110,22 @@ class DiTEMAGPipeline(DiTPipeline):
     ) -> ImagePipelineOutput | tuple:
         self.emag_trace = None
         arch = architecture_of(self.transformer)
+        with_emag = emag is not None or any(isinstance(t, EMAG) for t in guidance or [])
+        if guidance_scale is None:  # the EMAG reference's CFG 1.5 (emag.md 5.2); diffusers' 4.0 otherwise
+            guidance_scale = 1.5 if with_emag else 4.0
+        if num_inference_steps is None:  # the reference's 250-step sampler; diffusers' 50 otherwise
+            num_inference_steps = 250 if with_emag else 50
         terms = build_terms(guidance, emag, guidance_scale)
+        imagenet_dit = self.null_class == 1000 and self.transformer.config.in_channels == 4  # DiT-XL/2's shape
+        if with_emag and imagenet_dit and not self._is_reference_sampler():
+            warnings.warn(f"EMAG's published DiT numbers were sampled with 250-step ancestral DDPM (learned-range "
+                          f"variance); this pipeline's scheduler is {type(self.scheduler).__name__}. Set "
+                          "`pipe.scheduler = emag.dit_reference_scheduler()` to sample as the reference.", stacklevel=3)
         do_cfg = guidance_scale > 1
         if noise_layout is None:
-            legacy_doubled = guidance is None and do_cfg and (emag is None or emag.combination == "additive")
+            # diffusers' DiT CFG and the reference's additive EMAG draw noise for the doubled batch
+            additive = any(isinstance(t, EMAG) and t.combination == "additive" for t in terms)
+            legacy_doubled = additive or (guidance is None and emag is None and do_cfg)
             noise_layout = "doubled" if legacy_doubled else "samples"
         if noise_layout not in NOISE_LAYOUTS:
             raise ValueError(f"Unknown noise_layout {noise_layout!r}; expected one of {NOISE_LAYOUTS}.")
@@ -129,7 +151,7 @@ class DiTEMAGPipeline(DiTPipeline):
                       num_steps=num_steps, batch_size=batch_size, prediction="epsilon", guided_channels=channels,
                       device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
         runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
-        guided = guided_channels_of(terms, channels)
+        guided = guided_channels_of(terms, channels, "dit")
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator
