@@ -43,18 +43,20 @@ class Predictions(Mapping):
                  channels: int, native: dict[str, Tensor] | None = None) -> None:
         self._preds, self.inputs, self.x, self.space, self.param, self.channels = preds, inputs, x, space, param, channels
         self._native = preds if native is None and space == "native" else native
-        self._spaces: dict[str, Predictions] = {space: self}
+        self._other: dict[str, Predictions] = {}  # converted copies (never self: no reference cycle)
 
     def in_space(self, space: str) -> "Predictions":
         """The same branch predictions in ``space`` (``"native"`` or ``"x0"``), converted from the model's
         outputs with each branch's own input."""
-        if space not in self._spaces:
+        if space == self.space:
+            return self
+        if space not in self._other:
             if self._native is None:
                 raise RuntimeError("These predictions were built without the native outputs.")
             preds = {name: self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], eps) if space == "x0"
                      else eps for name, eps in self._native.items()}
-            self._spaces[space] = Predictions(preds, self.inputs, self.x, space, self.param, self.channels, self._native)
-        return self._spaces[space]
+            self._other[space] = Predictions(preds, self.inputs, self.x, space, self.param, self.channels, self._native)
+        return self._other[space]
 
     def __getitem__(self, name: str) -> Tensor:
         return self._preds[name]
