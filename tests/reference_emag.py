@@ -152,7 +152,10 @@ def _choose(states: dict, layers: list[int], mode: int, per_sample: bool, batch:
 def ref_sd3_sample(pipe, embeds, latents, num_steps, cfg_scale, emag_scale, layers, *, beta=0.988, lam=1.0,
                    variant="full", rows="image_rows", mode=2, combo="No", ema_dtype=torch.float16,
                    per_sample=False, fused_when_idle=True):
-    """Straightforward SD3 EMAG sampling (emag.md 5.1): two full calls on the doubled batch per step."""
+    """Straightforward SD3 EMAG sampling (emag.md 5.1): two full calls on the doubled batch per step.
+
+    "Only_EMAG" keeps the doubled batch while the CFG flag is on (``cfg_scale > 1``): its unconditional
+    rows feed the EMA and the batch-global score, their output is unused."""
     tr, sched = pipe.transformer, pipe.scheduler
     states = {l: _State(beta, lam, ema_dtype, score_after=False) for l in layers}
     originals = {l: tr.transformer_blocks[l].attn.processor for l in layers}
@@ -160,7 +163,8 @@ def ref_sd3_sample(pipe, embeds, latents, num_steps, cfg_scale, emag_scale, laye
         tr.transformer_blocks[l].attn.set_processor(RefJointProcessor(states[l], variant, rows, fused_when_idle))
     try:
         sched.set_timesteps(num_steps)
-        if combo == "Only_EMAG":
+        single = combo == "Only_EMAG" and cfg_scale <= 1
+        if single:
             pe, ppe = embeds["prompt_embeds"], embeds["pooled_prompt_embeds"]
         else:
             pe = torch.cat([embeds["negative_prompt_embeds"], embeds["prompt_embeds"]])
@@ -169,7 +173,7 @@ def ref_sd3_sample(pipe, embeds, latents, num_steps, cfg_scale, emag_scale, laye
         lat = latents.clone()
         for i, t in enumerate(sched.timesteps):
             s = num_steps - 1 - i
-            x = lat if combo == "Only_EMAG" else torch.cat([lat, lat])
+            x = lat if single else torch.cat([lat, lat])
             ts = t.expand(x.shape[0])
             normal = tr(hidden_states=x, timestep=ts, encoder_hidden_states=pe, pooled_projections=ppe,
                         return_dict=False)[0]
@@ -184,7 +188,8 @@ def ref_sd3_sample(pipe, embeds, latents, num_steps, cfg_scale, emag_scale, laye
             for l in layers:
                 states[l].do_ema, states[l].apply = False, False
             if combo == "Only_EMAG":
-                v = pert + emag_scale * (normal - pert)
+                c, c_e = (normal, pert) if single else (normal.chunk(2)[1], pert.chunk(2)[1])
+                v = c_e + emag_scale * (c - c_e)
             else:
                 u, c = normal.chunk(2)
                 u_e, c_e = pert.chunk(2)

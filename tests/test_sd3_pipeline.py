@@ -91,6 +91,20 @@ def test_feeding_the_ema_by_head_chunks_equals_the_reference(pipe, monkeypatch, 
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("variant", ["full", "q"])
+def test_only_emag_scores_the_unconditional_rows_while_the_cfg_flag_is_on(pipe, variant):
+    """emag.md 4 and 5.1: "Only_EMAG" keeps the reference's doubled batch when its CFG flag is on, so the
+    unconditional rows enter the batch-global score (their output is unused); at w = 1 the batch is single."""
+    outs = {}
+    for w in (5.0, 1.0):
+        ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, w, 2.0, LAYERS, variant=variant,
+                                combo="Only_EMAG")
+        e = emag.EMAG(scale=2.0, layers=LAYERS, variant=variant, combination="emag_only")
+        outs[w] = pipe(**call_kwargs(guidance_scale=w), emag=e).images
+        torch.testing.assert_close(outs[w], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert not torch.equal(outs[5.0], outs[1.0])  # the score, hence the choices, really differ
+
+
 def test_equals_reference_with_per_sample_selection(pipe):
     ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, per_sample=True)
     out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, per_sample=True)).images

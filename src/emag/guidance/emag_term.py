@@ -72,7 +72,8 @@ class EMAGRuntime(TermRuntime):
         b = setup.batch_size
         if cfg.combination == "additive" and not setup.uses_uncond:
             raise ValueError("EMAG combination 'additive' uses the unconditional branch: enable CFG (scale > 1).")
-        self.with_uncond = cfg.combination != "emag_only" and setup.uses_uncond
+        # SD3's "Only_EMAG" keeps the unconditional rows for the score when the pipeline prepared them
+        self.with_uncond = setup.uses_uncond and (cfg.combination != "emag_only" or self.protocol == "sd3")
         self.fast = setup.fast
         if config.cond_only_score:
             if self.protocol != "sd3" or cfg.combination == "additive":

@@ -99,7 +99,11 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         if skip_guidance_layers is not None:
             raise NotImplementedError("Use emag.SLG(...) in `guidance=[...]` instead of skip_guidance_layers.")
         self._guidance_scale = guidance_scale
-        has_uncond = uses_uncond(terms)
+        # EMAG's "Only_EMAG" mode keeps the reference's doubled batch when its CFG flag is on (w > 1): the
+        # unconditional rows enter the layer score (emag.md 4, 5.1) though their output is unused
+        scored_uncond = guidance_scale > 1 and any(
+            isinstance(t, EMAG) and t.combination == "emag_only" and not t.cond_only_score for t in terms)
+        has_uncond = uses_uncond(terms) or scored_uncond
         weak_texts = text_weakenings(terms)
         self._check_weak_text_inputs(weak_texts, prompt, negative_prompt, negative_prompt_embeds)
 
