@@ -10,10 +10,10 @@
 #                      --implementation cp --platform manylinux2014_x86_64 -d .whl diffusers==0.42.1 importlib_metadata
 #     device run:  carry [".whl"], command "bash benchmarks/gpu_run.sh", timeout_s 560
 # Results (tables and JSON) land in $OUT; commit them to benchmarks/results/ with this command line.
-# Rehearse it on a CPU first (tiny sizes, 2 steps, same commands):  SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_run.sh
+# Rehearse it on a CPU first (tiny sizes, 5 steps, same commands):  SMOKE=1 OUT=/tmp/smoke bash benchmarks/gpu_run.sh
 set -uo pipefail
 if [ "${SMOKE:-0}" = 1 ]; then
-    DEV=(--device cpu --dtype float32 --steps 2); SD3=cpu-small; DIT256=cpu-small-dit; DIT512=cpu-small-dit
+    DEV=(--device cpu --dtype float32 --steps 5); SD3=cpu-small; DIT256=cpu-small-dit; DIT512=cpu-small-dit
 else
     DEV=(--device cuda --dtype float16); SD3=sd3-medium; DIT256=dit-xl-2-256; DIT512=dit-xl-2-512
 fi

@@ -21,7 +21,7 @@ from torch import Tensor
 from ..config import EMAG, ResolvedEMAG, resolve
 from ..math.combine import emag_only
 from ..plumbing.emag_attention import EMAGFeed, EMAGReplace, EMAGState
-from ..windows import StepContext, window_steps
+from ..windows import RemainingStepsWindow, StepContext, window_steps
 from .base import Branch, Setup, TermRuntime
 
 
@@ -47,7 +47,7 @@ def check_windows(cfg: ResolvedEMAG, num_steps: int) -> tuple[list[int], list[in
                 "sampler, emag.md 5.2) and never open at 50 steps or fewer: sample with num_inference_steps=250 "
                 "(and pipe.scheduler = emag.dit_reference_scheduler(), the reference sampler), or give fractional "
                 "windows, e.g. EMAG(ema_window=(0.396, 0.8), apply_window=(0.596, 0.8)), their equivalent at "
-                "250 steps." if cfg.family == "dit" else "")
+                "250 steps." if isinstance(window, RemainingStepsWindow) else "")
         raise ValueError(f"EMAG's {which} window ({window.describe()}) selects none of the {num_steps} sampling "
                          f"steps, so EMAG would silently do nothing.{hint}")
     if apply_steps and (not ema_steps or apply_steps[0] < ema_steps[0]):
