@@ -73,7 +73,7 @@ class EMAG:
             the reference), ``"factored"`` (the past queries/keys and one weight per update: ``E V`` as a
             weighted sum of fused attention calls, the score as a tiled reduction; memory
             ``O(updates x N x d)``, float32 arithmetic, more compute) or ``"auto"`` (default: dense
-            unless the dense maps of all candidate blocks would exceed a quarter of the free memory of
+            unless the dense maps of all candidate blocks would exceed half of the free memory of
             the device, see :func:`emag.plumbing.emag_attention.dense_budget_bytes`). Full variant,
             ``rows="image_rows"`` only.
         guided_channels: DiT only: guide only the first N latent channels, the rest from the conditional

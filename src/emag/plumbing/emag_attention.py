@@ -64,15 +64,17 @@ class LayerState:
 
 
 def dense_budget_bytes(device: torch.device) -> int:
-    """The most memory ``ema_storage="auto"`` lets dense full-map EMAs take: a quarter of what is free.
+    """The most memory ``ema_storage="auto"`` lets dense full-map EMAs take: half of what is free.
 
-    CUDA: a quarter of ``torch.cuda.mem_get_info``'s free memory at the first feed of the call; other
-    devices: a quarter of the available physical memory.
+    CUDA: half of ``torch.cuda.mem_get_info``'s free memory at the first feed of the call; other devices:
+    half of the available physical memory. Dense storage is the reference's numerics, so it is kept
+    whenever it fits with room to spare: beyond the EMA the fast path holds about what CFG holds (the
+    map is built by chunks of heads), and the weights are already allocated when this is asked.
     """
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 4
+        return torch.cuda.mem_get_info(device)[0] // 2
     try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
         return 4 << 30
 
