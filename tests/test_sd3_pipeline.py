@@ -105,6 +105,22 @@ def test_only_emag_scores_the_unconditional_rows_while_the_cfg_flag_is_on(pipe, 
     assert not torch.equal(outs[5.0], outs[1.0])  # the score, hence the choices, really differ
 
 
+@pytest.mark.parametrize("extra, ref_extra", [(dict(per_sample=True), dict(per_sample=True)),
+                                               (dict(blend=0.5), dict(lam=0.5))])
+def test_maps_built_by_one_head_equal_the_reference_with_row_masks_and_blends(pipe, monkeypatch, extra, ref_extra):
+    """The map built one head at a time (FEED_CHUNK_ELEMENTS = 1) with per-sample replacement masks and a
+    partial blend: still the straightforward reference."""
+    from emag.plumbing import edits, emag_attention
+
+    monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)
+    heads, real = [], edits.attention_probs
+    monkeypatch.setattr(edits, "attention_probs", lambda q, *a, **k: heads.append(q.shape[1]) or real(q, *a, **k))
+    ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, **ref_extra)
+    out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, **extra)).images
+    assert set(heads) == {1}
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+
+
 def test_equals_reference_with_per_sample_selection(pipe):
     ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, per_sample=True)
     out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS, per_sample=True)).images
