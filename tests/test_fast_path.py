@@ -237,3 +237,18 @@ def test_one_update_may_span_passes_but_not_feed_rows_twice():
     state.feed(0, second[:1], slice(0, 1))
     with pytest.raises(RuntimeError, match="twice"):
         state.feed(0, second[:1], slice(0, 1))
+
+
+@pytest.mark.parametrize("batching", ["normal", "all"])
+def test_maps_built_by_one_head_keep_fast_equal_to_straightforward(sd3, dit, monkeypatch, batching):
+    """With every explicit map built one head at a time, the fast path (two-pass and joined) still makes
+    the straightforward path's choices and outputs, on SD3 and on DiT (per-sample selection)."""
+    from emag.plumbing import emag_attention
+
+    monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)
+    slow = sd3_run(sd3, False, variant="full")
+    slow_trace = [(r.index, r.chosen) for r in sd3.emag_trace]
+    out = sd3_run(sd3, True, batching=batching, variant="full")
+    assert [(r.index, r.chosen) for r in sd3.emag_trace] == slow_trace
+    close(out, slow)
+    _dit_equal(dit, dict(per_sample=True), batching)
