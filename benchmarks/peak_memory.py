@@ -71,6 +71,9 @@ def methods(family: str, n_blocks: int) -> dict:
     }
     if family == "sd3":
         table["emag-full-joined"] = dict(guidance=[emag.CFG(w), replace(full, ema_storage="dense")], batching="all")
+    else:  # opt-in, NOT the reference's numerics: the DiT EMA in float16 instead of float32
+        table["emag-full-fp16-ema"] = dict(guidance=[emag.CFG(w), replace(full, ema_storage="dense",
+                                                                         ema_dtype=torch.float16)])
     return table
 
 
