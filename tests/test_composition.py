@@ -159,6 +159,23 @@ def test_cfg_zero_star_combination_against_the_formula(original):
     assert torch.equal(rt.combine(c, u, {}, StepContext(0, 10)), torch.zeros_like(c))
 
 
+def test_cfg_zero_star_zero_init_step_runs_no_model_pass(pipe, monkeypatch):
+    """guidance-methods.md 1.4: a zero-init step can skip the model entirely: no pass, the same latents."""
+    from emag.guidance.cfg import CFGZeroStarRuntime
+
+    g = [emag.CFGZeroStar(4.0, zero_init_steps=1)]
+    pipe(**kw(num_inference_steps=1, guidance=g))
+    assert pipe.guidance_engine.last_passes == []
+    fast = pipe(**kw(num_inference_steps=3, guidance=g)).images
+    real = CFGZeroStarRuntime.zero_output
+    monkeypatch.setattr(CFGZeroStarRuntime, "zero_output", lambda self, ctx: False)  # run the passes
+    monkeypatch.setattr(CFGZeroStarRuntime, "combine", lambda self, c, u, p, ctx, _c=CFGZeroStarRuntime.combine:
+                        torch.zeros_like(c) if real(self, ctx) else _c(self, c, u, p, ctx))
+    assert torch.equal(pipe(**kw(num_inference_steps=3, guidance=g)).images, fast)
+    pipe(**kw(num_inference_steps=1, guidance=g))
+    assert pipe.guidance_engine.last_passes != []
+
+
 def test_dit_composition_pag_and_neutral(tmp_path):
     base = tiny_dit_pipeline(num_layers=6)
     p = emag.DiTEMAGPipeline.from_pipe(base)

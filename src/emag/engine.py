@@ -121,6 +121,10 @@ class GuidanceEngine:
     # -- evaluation --------------------------------------------------------------------------------
     def predict(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
         active = [r for r in self.runtimes if r.active(ctx)]
+        if len(active) == 1 and active[0].zero_output(ctx) and x.shape[1] == self.channels == self.guided_channels:
+            # e.g. CFG-Zero*'s zero-init step alone: the output is zero whatever the model says (0 passes)
+            self.last_passes = []
+            return torch.zeros_like(x)
         replaced = any(r.kind == "uncond" for r in active)  # ERG / autoguidance supply their own "uncond"
         need_uncond = any(r.needs_uncond(ctx) for r in active) or (
             not replaced and any(r.kind == "base" and r.base_needs_uncond(ctx) for r in active))

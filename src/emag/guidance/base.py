@@ -125,6 +125,11 @@ class TermRuntime:
     def needs_uncond(self, ctx: StepContext) -> bool:
         return False
 
+    def zero_output(self, ctx: StepContext) -> bool:
+        """True when the term's result at this step is exactly zero (in the native space) whatever the
+        predictions, e.g. CFG-Zero*'s zero-init: when it is the only active term, no model pass runs."""
+        return False
+
     def branches(self, ctx: StepContext) -> list[Branch]:
         return []
 

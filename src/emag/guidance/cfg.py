@@ -131,8 +131,11 @@ class CFGZeroStarRuntime(TermRuntime):
     name = "cfg_zero_star"
     space_sensitive = True
 
+    def zero_output(self, ctx: StepContext) -> bool:
+        return ctx.index < self.config.zero_init_steps
+
     def combine(self, c, u, p, ctx) -> Tensor:
-        if ctx.index < self.config.zero_init_steps:
+        if self.zero_output(ctx):
             return torch.zeros_like(c)
         s = zero_star_scale(c, u)
         if self.config.original_formulation:
