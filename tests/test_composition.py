@@ -133,6 +133,60 @@ def test_cfg_rescale_matches_formula(base, pipe):
     torch.testing.assert_close(v_out, expected, rtol=1e-3, atol=1e-3)
 
 
+def test_cfg_rescale_runs_in_its_own_space_whatever_the_combine_space(base, pipe):
+    """The std matching is not affine (guidance-methods.md 0.2): by default it runs on the velocity (diffusers'),
+    also when another term makes the call combine in x0 space; rescale_space="x0" rescales x0 estimates."""
+    g = [emag.CFG(5.0, rescale=0.7)]
+    native = pipe(**kw(num_inference_steps=1, guidance=g)).images
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(pipe(**kw(num_inference_steps=1, guidance=g, combine_space="x0")).images, native, **close)
+    sag_off = [emag.CFG(5.0, rescale=0.7), emag.SAG(1e-9)]  # SAG asks for x0 space; its term is ~0
+    torch.testing.assert_close(pipe(**kw(num_inference_steps=1, guidance=sag_off)).images, native, **close)
+    # rescale_space="x0": the formula on x0 = x - sigma v, by hand
+    out = pipe(**kw(num_inference_steps=1, guidance=[emag.CFG(5.0, rescale=0.7, rescale_space="x0")])).images
+    plain = base(**kw(num_inference_steps=1)).images
+    x, s = sd3_latents(2), pipe.scheduler.sigmas
+    v_g = (plain - x) / (s[1] - s[0])
+    e = sd3_embeds(2)
+    uc = base.transformer(hidden_states=torch.cat([x, x]), timestep=(s[0] * 1000).expand(4),
+                          encoder_hidden_states=torch.cat([e["negative_prompt_embeds"], e["prompt_embeds"]]),
+                          pooled_projections=torch.cat([e["negative_pooled_prompt_embeds"], e["pooled_prompt_embeds"]]),
+                          return_dict=False)[0]
+    x0_g, x0_c = x - s[0] * v_g, x - s[0] * uc.chunk(2)[1]
+    dims = [1, 2, 3]
+    x0_r = 0.7 * x0_g * x0_c.std(dim=dims, keepdim=True) / x0_g.std(dim=dims, keepdim=True) + 0.3 * x0_g
+    torch.testing.assert_close((out - x) / (s[1] - s[0]), (x - x0_r) / s[0], rtol=1e-3, atol=1e-3)
+    assert (out - native).abs().max() > 1e-3  # the space matters
+    with pytest.raises(ValueError, match="rescale_space"):
+        emag.CFG(5.0, rescale=0.7, rescale_space="eps")
+
+
+def test_cfg_without_a_scale_takes_the_calls_guidance_scale(pipe):
+    assert torch.equal(pipe(**kw(guidance=[emag.CFG()], guidance_scale=3.0)).images,
+                       pipe(**kw(guidance=[emag.CFG(3.0)])).images)
+    d = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=6))
+    d.set_progress_bar_config(disable=True)
+    k = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=4, output_type="latent")
+    assert torch.equal(d(**k, guidance=[emag.CFG()]).images, d(**k, guidance=[emag.CFG(4.0)]).images)  # diffusers' 4
+    em = emag.EMAG(layers=[1, 2], ema_window=(0, 1), apply_window=(0.25, 1))
+    with pytest.warns(UserWarning, match="250-step"):  # the tiny DiT is ImageNet-shaped, default scheduler
+        ref = d(**k, guidance=[emag.CFG(1.5), em]).images
+        assert torch.equal(d(**k, guidance=[emag.CFG(), em]).images, ref)  # the EMAG protocol's 1.5
+
+
+def test_cfg_zero_star_zero_init_ignores_the_window_and_zeroes_every_term(pipe):
+    """diffusers' guider tests step < zero_init_steps before its window; the step's output is 0 (1.4)."""
+    def stays(p, i, t, k):
+        if i == 0:
+            torch.testing.assert_close(k["latents"], sd3_latents(2), rtol=0, atol=0)
+        return {}
+
+    for g in ([emag.CFGZeroStar(4.0, zero_init_steps=1, window=(0.5, 1.0))],
+              [emag.CFGZeroStar(4.0, zero_init_steps=1), emag.PAG(3.0, layers=[2])]):
+        pipe(**kw(num_inference_steps=3, guidance=g, callback_on_step_end=stays))
+    assert pipe.guidance_engine.last_passes  # with PAG the passes still ran (their result is discarded)
+
+
 def test_cfg_zero_star_zero_init_and_scale(pipe):
     out1 = pipe(**kw(num_inference_steps=3, guidance=[emag.CFGZeroStar(4.0, zero_init_steps=1)],
                      callback_on_step_end=lambda p, i, t, k: {"latents": k["latents"]} if i else

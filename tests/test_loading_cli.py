@@ -154,8 +154,18 @@ def test_cli_composes_methods_with_params(dit_dir, tmp_path):
     meta = read_png_params(sorted(tmp_path.glob("*.png"))[0])
     assert meta["method"] == "cfg,pag" and meta["emag"] is None
     assert meta["guidance"] == [
-        {"method": "CFG", "scale": 3.0, "window": None, "interval": None, "rescale": 0.0, "guided_channels": None},
+        {"method": "CFG", "scale": 3.0, "window": None, "interval": None, "rescale": 0.0, "rescale_space": "native",
+         "guided_channels": None},
         {"method": "PAG", "scale": 2.5, "layers": [1, 2], "window": None}]
+
+
+def test_cli_metadata_records_the_backbone_defaults_that_ran(dit_dir, tmp_path):
+    """APG's None defaults are per backbone: the metadata holds the numbers used, not None."""
+    r = CliRunner().invoke(cli, ["generate", "--model", str(dit_dir), "--class-label", "3", "--steps", "3",
+                                 "--sampler", "default", "--method", "apg", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    apg = read_png_params(sorted(tmp_path.glob("*.png"))[0])["guidance"][0]
+    assert apg["method"] == "APG" and apg["scale"] == 1.5 and apg["norm_threshold"] == 5.0
 
 
 @pytest.mark.parametrize("extra, message", [

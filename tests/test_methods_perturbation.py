@@ -12,7 +12,7 @@ from emag.guidance.autoguidance import Autoguidance
 from emag.guidance.erg import ERG, ScaleQueries
 from emag.guidance.s2 import S2, s2_dropped_blocks, s2_num_dropped
 from emag.guidance.sag import SAG, attention_received, sag_degrade, sag_mask, sag_renoise, upsample_mask
-from emag.guidance.seg import SEG, BlurQueries, blur_image_queries, seg_kernel_size
+from emag.guidance.seg import SEG, BlurQueries, blur_image_queries, clip_kernel_size, gaussian_blur_2d, seg_kernel_size
 from emag.guidance.tpg import TPG, PermuteTokens, tpg_permutation
 from emag.parametrization import EpsilonVP, FlowMatching
 from emag.plumbing.architectures import ARCHITECTURES, architecture_of
@@ -155,7 +155,25 @@ def test_seg_kernel_size_formula():
     assert [seg_kernel_size(s) for s in (0.1, 0.5, 1.0, 1.5, 2.0, 2.6)] == [1, 3, 7, 9, 13, 17]
 
 
-@pytest.mark.parametrize("grid, sigma, kh, kw", [((5, 7), 1.0, 5, 7), ((4, 8), 1.0, 3, 7), ((3, 6), 0.6, 3, 5)])
+def test_kernel_clipping_follows_seg_sdxl_and_reflect_padding():
+    # SEG-SDXL: min(k, L - (L % 2 - 1)): L for odd sides, L + 1 for even ones
+    assert [clip_kernel_size(25, n) for n in (1, 2, 3, 4, 15, 16, 64)] == [1, 3, 3, 5, 15, 17, 25]
+    assert clip_kernel_size(7, 16) == 7  # a kernel that fits is not touched
+    # reflect: the whole kernel whenever its padding k // 2 < L (diffusers' SAG never clips)
+    assert [clip_kernel_size(9, n, "reflect") for n in (1, 2, 3, 4, 5, 8)] == [1, 3, 5, 7, 9, 9]
+    with pytest.raises(ValueError, match="clipping rule"):
+        clip_kernel_size(9, 8, "box")
+
+
+def test_sag_blur_uses_the_whole_kernel_where_reflect_padding_allows():
+    x = torch.randn(1, 2, 6, 8, dtype=torch.float64)
+    out = gaussian_blur_2d(x, 1.0, 9, clip="reflect")  # SAG's kernel 9 on a 6x8 latent: used whole
+    for c in range(2):
+        torch.testing.assert_close(out[0, c], reference_blur_plane(x[0, c], 1.0, 9, 9), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid, sigma, kh, kw", [((5, 7), 1.0, 5, 7), ((4, 8), 1.0, 5, 7), ((3, 6), 0.6, 3, 5),
+                                                 ((4, 4), 4.0, 5, 5), ((6, 3), 4.0, 7, 3)])
 def test_seg_blur_matches_explicit_convolution_on_non_square_grids(grid, sigma, kh, kw):
     gh, gw = grid
     n, text = gh * gw, 3

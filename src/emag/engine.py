@@ -348,17 +348,19 @@ class GuidanceEngine:
         ch = self.channels
         # nothing active: the conditional prediction itself (no round trip through x0 space)
         space = "x0" if active and (self.combine_space == "x0" or any(r.space == "x0" for r in active)) else "native"
-        spaces = {space} | {r.space for r in active if r.space_sensitive}
+        spaces = {space} | {r.space for r in active if r.space_sensitive} | {
+            r.post_space for r in active if r.post_space}
         if spaces != {"native"} and ctx.param is None:
             raise ValueError("Combining in x0 space needs the step's parametrisation (scheduler not supported).")
         native = {name: out[:, :ch] for name, out in outputs.items()}
         p = Predictions(native, inputs, x, "native", ctx.param, ch).in_space(space)
         xs = x[:, :ch]
 
-        def run(term, fn, *tensors, delta=False):
+        def run(term, fn, *tensors, delta=False, own=None):
             """``fn(p, *tensors)`` in the space ``term`` computes in (its own when its result depends on the
-            space, guidance-methods.md 0.2), converted from and back to the combine space."""
-            own = term.space if term.space_sensitive else space
+            space, guidance-methods.md 0.2; ``own`` overrides it), converted from and back to the combine
+            space."""
+            own = own or (term.space if term.space_sensitive else space)
             if own == space:
                 return fn(p, *tensors)
             out = fn(p.in_space(own), *(_convert(t, space, own, xs, ctx.param) for t in tensors))
@@ -382,7 +384,11 @@ class GuidanceEngine:
                 guided = guided + run(governs(r), (lambda q, t, r=r: base.apply_delta(r, t, q, ctx)) if base is not None
                                       else (lambda q, t, r=r: r.delta(t, q, ctx)), c, delta=True)
         if base is not None:
-            guided = run(base, lambda q, g, t: base.post(g, t, ctx), guided, c)
+            guided = run(base, lambda q, g, t: base.post(g, t, ctx), guided, c, own=base.post_space)
+            if base.zero_output(ctx):
+                # CFG-Zero*'s zero-init: the step's whole output is zero (guidance-methods.md 1.4), the other
+                # terms included; they were still evaluated (their per-step state and RNG streams advance)
+                return torch.zeros_like(outputs["cond"])
         if space == "x0":
             guided = ctx.param.from_x0(x[:, :ch], guided)
         if guided is outputs["cond"][:, :ch] and self.guided_channels == ch and outputs["cond"].shape[1] == ch:

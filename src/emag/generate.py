@@ -139,6 +139,9 @@ def plan_generation(
     n_blocks = int(tcfg.get("num_layers", 0))
     w = p.guidance_scale if guidance_scale is None else guidance_scale
     terms, emag, resolved = _build_terms(names, method_params, p, emag_overrides or {}, w, family, n_blocks, cls_name)
+    from .pipelines._guided import with_defaults
+
+    terms = with_defaults(terms, family, w)  # recorded as they run (CFG's scale, APG's backbone defaults)
     if num_images < 1:
         raise ValueError("num_images must be >= 1.")
     vsf = _vae_scale_factor(folder)

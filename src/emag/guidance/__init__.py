@@ -23,8 +23,8 @@ def needs_negative(term: Any) -> bool:
     fn = getattr(term, "needs_negative", None)
     if callable(fn):
         return bool(fn())
-    if isinstance(term, (CFG, CFGZeroStar)):
-        return term.scale != 1.0 if isinstance(term, CFG) else True
+    if isinstance(term, CFGZeroStar):
+        return True
     if type(term).__name__ == "EMAG":
         return term.combination == "additive"
     return False

@@ -18,6 +18,7 @@ The pure functions below implement one step each; :class:`APG` is the composable
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -187,6 +188,11 @@ class APG(GuidanceConfig):
         else:
             r = d["rms_threshold"] if self.threshold_mode == "rms" else d["norm_threshold"]
         return {"scale": float(scale), "norm_threshold": float(r)}
+
+    def with_defaults(self, family: str, guidance_scale: float | None = None) -> "APG":
+        """This config with the backbone's defaults written into ``scale`` and ``norm_threshold`` (what
+        the run's metadata records)."""
+        return dataclasses.replace(self, **self.resolved(family))
 
     def runtime(self, setup: Setup) -> TermRuntime:
         return APGRuntime(self, window_of(self.window), **self.resolved(setup.family))

@@ -112,6 +112,8 @@ class TermRuntime:
     # summing to one, guidance-methods.md 0.2): it is then always computed in ``space`` and converted,
     # whatever space the other terms are combined in
     space_sensitive: bool = False
+    # base terms: the space ``post`` (e.g. CFG rescale) runs in; None = the combine space
+    post_space: str | None = None
     name: str = "term"
 
     def __init__(self, config: Any, window: StepWindow) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,32 +36,41 @@ class CFG(GuidanceConfig):
     """Classifier-free guidance ``D = u + w (c - u)`` (Ho & Salimans 2022; Imagen convention, w = 1 is off).
 
     Args:
-        scale: ``w``; ``1`` is neutral (no unconditional pass is run). Default 7.0, SD3's (diffusers'
-            default); for DiT-XL/2 give it: 1.5 (the FID protocol) or 4.0 (diffusers' DiT default, visual).
+        scale: ``w``; ``1`` is neutral (no unconditional pass is run). Default ``None``: the pipeline
+            call's ``guidance_scale`` (SD3 7.0, diffusers' default; DiT 4.0, diffusers' visual default, or
+            1.5 when EMAG is in the call, the FID protocol the EMAG reference uses).
         window: step window (fractions ``(start, stop)``, half-open) or a :class:`~emag.SigmaInterval`.
-        interval: the guidance interval of Kynkäänniemi et al. (NeurIPS 2024): ``(sigma_lo, sigma_hi]`` in
+        interval: the guidance interval of Kynkaanniemi et al. (NeurIPS 2024): ``(sigma_lo, sigma_hi]`` in
             EDM sigma; outside it CFG is off and the unconditional pass is skipped. Exclusive with ``window``.
-            The paper's DiT-XL/2 settings are for the 512 px model with DiT's default 250-step sampler
-            (checked in the paper text, section 4.1 and Table 1): FID-optimal ``(0.34, 1.02]`` with
-            ``w = 2.5`` (75 of 250 steps guided; FID 3.04 -> 2.40 against the best plain CFG, ``w = 1.5``),
-            FD_DINOv2-optimal ``(0.45, 1.23]`` with ``w = 4.0``. DiT-XL/2 256 px was not tuned there.
+            The paper's DiT-XL/2 settings are for the 512 px model (guidance-methods.md 1.2): FID-optimal
+            ``(0.34, 1.02]`` with ``w = 2.5`` (FID 3.04 -> 2.40), FD_DINOv2-optimal ``(0.45, 1.23]`` with
+            ``w = 4.0``; with this library's sigma of the 250-step reference sampler
+            (``sqrt((1 - abar) / abar)``) they guide 41 and 42 of the 250 steps. DiT-XL/2 256 px was not
+            tuned there.
         rescale: CFG-rescale ``phi`` in [0, 1] (0 = off), per sample, applied after all terms. Lin et al.'s
             value is 0.7 as diffusers and other implementations use it (their section 3.4; the
             sentence itself was not reachable offline).
+        rescale_space: the space the rescale's std matching runs in (it is not affine, guidance-methods.md
+            0.2, 1.3): ``"native"`` (default; diffusers': epsilon for DiT, velocity for SD3) or ``"x0"``.
+            The same whatever other terms are active.
         guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT convention).
     """
 
-    scale: float = 7.0
+    scale: float | None = None
     window: Any = None
     interval: tuple[float, float] | None = None
     rescale: float = 0.0
+    rescale_space: str = "native"
     guided_channels: int | None = None
 
     def __post_init__(self) -> None:
-        check_scale("scale", self.scale)
+        if self.scale is not None:
+            check_scale("scale", self.scale)
         check_scale("rescale", self.rescale)
         if self.rescale > 1:
             raise ValueError(f"`rescale` must be in [0, 1], got {self.rescale}.")
+        if self.rescale_space not in ("native", "x0"):
+            raise ValueError(f"`rescale_space` must be 'native' or 'x0', got {self.rescale_space!r}.")
         if self.interval is not None and self.window is not None:
             raise ValueError("Give either `window` or `interval` (the sigma guidance interval), not both.")
         if self.interval is not None:
@@ -69,19 +79,38 @@ class CFG(GuidanceConfig):
         if self.guided_channels is not None and (not isinstance(self.guided_channels, int) or self.guided_channels < 1):
             raise ValueError(f"`guided_channels` must be a positive int or None, got {self.guided_channels!r}.")
 
+    def needs_negative(self) -> bool:
+        return self.scale is None or self.scale != 1.0
+
+    def with_defaults(self, family: str, guidance_scale: float | None) -> "CFG":
+        """This config with ``scale=None`` resolved to the call's ``guidance_scale``."""
+        if self.scale is not None:
+            return self
+        if guidance_scale is None:
+            raise ValueError("CFG(scale=None) takes the pipeline call's guidance_scale, and none was given.")
+        return dataclasses.replace(self, scale=float(guidance_scale))
+
     def term_window(self):
         return SigmaInterval(*self.interval) if self.interval is not None else window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
+        if self.scale is None:
+            raise ValueError("CFG(scale=None) must be resolved against the call's guidance_scale first "
+                             "(the pipelines do this).")
         return CFGRuntime(self, self.term_window())
 
 
 class CFGRuntime(TermRuntime):
-    """CFG; its rescale runs in the combine space, before the conversion back (guidance-methods.md 11.6):
-    the native output unless an x0 term (APG in x0, SAG) or ``combine_space="x0"`` is active."""
+    """CFG; its rescale (after all terms, guidance-methods.md 11.6) runs in ``rescale_space`` whatever
+    space the terms are combined in: the std matching is not affine (0.2), so the same call must not
+    rescale differently because another term asked for x0 space."""
 
     kind = "base"
     name = "cfg"
+
+    @property
+    def post_space(self) -> str | None:
+        return self.config.rescale_space if self.config.rescale > 0 else None
 
     def active(self, ctx: StepContext) -> bool:
         return self.config.scale != 1.0 and self.window.contains(ctx)
@@ -98,6 +127,10 @@ class CFGZeroStar(GuidanceConfig):
     """CFG-Zero* (Fan et al. 2025): ``D = s* u + w (c - s* u)`` with the per-sample optimised scale
     ``s*``, and the output zeroed for the first ``zero_init_steps`` steps. Flow-matching models only:
     a zero velocity leaves ``x_t`` in place, while a zero epsilon would not.
+
+    Zero-init zeroes the step's whole output, other terms (PAG, EMAG, ...) included, and applies whatever
+    ``window`` says (diffusers' guider checks it before its window). Alone it runs no model pass; with other
+    terms their passes still run (EMAG's EMA is fed, RNG streams advance) and their result is discarded.
 
     ``original_formulation=True``: the original-CFG form ``D = c + w (c - s* u)`` (guidance-methods.md
     1.4, diffusers' ``use_original_formulation``; ``w`` there is ``w' = w_Imagen - 1``).
@@ -133,6 +166,10 @@ class CFGZeroStarRuntime(TermRuntime):
 
     def zero_output(self, ctx: StepContext) -> bool:
         return ctx.index < self.config.zero_init_steps
+
+    def active(self, ctx: StepContext) -> bool:
+        # diffusers' guider tests ``step < zero_init_steps`` before its window: zero-init ignores the window
+        return self.zero_output(ctx) or self.window.contains(ctx)
 
     def combine(self, c, u, p, ctx) -> Tensor:
         if self.zero_output(ctx):

@@ -67,10 +67,12 @@ class S2(GuidanceConfig):
         drop_ratio: fraction of the candidate blocks dropped per step and sample, in [0, 1). Default 0.1.
         form: ``"contrastive"`` (default) or ``"literal"``.
         layers: the candidate blocks that may be dropped. Default: every block.
-        exclude_first: never drop block 0 (one third-party implementation excludes it). Default False.
+        exclude_first: never drop block 0. Default False (every block a candidate, the spec's reading);
+            the paper note quoted above and one third-party implementation exclude block 0 [unverified].
         seed: seed of the mask stream; sample ``k`` at step ``i`` uses ``(seed, i, k)``. Generating one
             image per call? Pass that image's seed here, or every image gets the same mask sequence.
-        window: step window, default every step.
+        window: step window, default every step (the paper note's "middle ~80 % of noise levels" is
+            [unverified]; give e.g. ``window=(0.1, 0.9)`` for it).
         space: where the literal form is applied, ``"native"`` (default) or ``"x0"``.
     """
 

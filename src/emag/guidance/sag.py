@@ -75,7 +75,7 @@ def upsample_mask(mask: Tensor, size: tuple[int, int]) -> Tensor:
 def sag_degrade(x0: Tensor, mask: Tensor, blur_sigma: float, blur_kernel: int) -> Tensor:
     """``x0_bar = m * blur(x0) + (1 - m) * x0`` (paper Eq. 25), written ``x0 + m (blur(x0) - x0)`` so that
     ``m = 0`` returns ``x0`` bit for bit. ``mask`` ``[B, 1, H, W]`` broadcasts over channels."""
-    blurred = gaussian_blur_2d(x0, blur_sigma, blur_kernel)
+    blurred = gaussian_blur_2d(x0, blur_sigma, blur_kernel, clip="reflect")  # diffusers' SAG: the whole kernel
     return x0 + mask.to(x0.dtype) * (blurred - x0)
 
 
@@ -131,7 +131,8 @@ class SAG(GuidanceConfig):
             ComfyUI]; 0 masks every token.
         blur_sigma, blur_kernel: the Gaussian blur of x0 in latent space, reflect padding. Default sigma 1.0,
             kernel 9: diffusers' SD1.5 SAG pipeline (ComfyUI: sigma 2.0, kernel 9; official ADM code in
-            pixel space: kernel 31, sigma 3 or 9).
+            pixel space: kernel 31, sigma 3 or 9). The kernel is used whole as diffusers does; only on
+            latents too small for its reflect padding (side <= kernel // 2) is it shortened to ``2 side - 1``.
 
     Cost: one extra pass per step, run after the normal passes (it needs their output). The mask block
     computes its image->image attention map explicitly, one head at a time, on every normal branch of

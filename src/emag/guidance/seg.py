@@ -41,9 +41,21 @@ def seg_kernel_size(sigma: float) -> int:
     return c + 1 - c % 2
 
 
-def clip_kernel_size(size: int, length: int) -> int:
-    """Clip an odd kernel size to the largest odd size <= ``length`` (reflect padding needs k // 2 < length)."""
-    return min(size, length if length % 2 else length - 1)
+CLIP_RULES = ("seg", "reflect")
+
+
+def clip_kernel_size(size: int, length: int, rule: str = "seg") -> int:
+    """Clip an odd kernel size to an axis of ``length`` cells.
+
+    ``"seg"``: SEG-SDXL's ``min(k, L - (L mod 2 - 1))``, i.e. ``L`` for odd ``L`` and ``L + 1`` for even
+    ``L`` [src: SusungHong/SEG-SDXL ``pipeline_seg.py`` ``gaussian_blur_2d``]. ``"reflect"``: only as far as
+    reflect padding requires (``k // 2 < L``, the largest such odd ``k`` is ``2 L - 1``), so a kernel that
+    fits is used whole, as diffusers' SAG (which never clips) does.
+    """
+    if rule not in CLIP_RULES:
+        raise ValueError(f"Unknown kernel clipping rule {rule!r}; expected one of {CLIP_RULES}.")
+    limit = length + 1 - length % 2 if rule == "seg" else 2 * length - 1
+    return min(size, limit)
 
 
 def gaussian_kernel_1d(size: int, sigma: float, dtype: torch.dtype = torch.float32, device: Any = None) -> Tensor:
@@ -54,13 +66,14 @@ def gaussian_kernel_1d(size: int, sigma: float, dtype: torch.dtype = torch.float
     return (pdf / pdf.sum()).to(dtype=dtype, device=device)
 
 
-def gaussian_blur_2d(x: Tensor, sigma: float, kernel_size: int | None = None) -> Tensor:
+def gaussian_blur_2d(x: Tensor, sigma: float, kernel_size: int | None = None, clip: str = "seg") -> Tensor:
     """Blur ``x`` ``[N, C, H, W]`` over ``(H, W)``, each channel on its own, with a normalised separable
     Gaussian and reflect padding.
 
-    ``kernel_size`` defaults to :func:`seg_kernel_size`; it is clipped per axis to the largest odd size
-    that fits the axis, so a non-square grid gets a shorter kernel along its short side (SEG-SDXL assumes
-    a square grid and clips to its side). Half-precision inputs are blurred in float32.
+    ``kernel_size`` defaults to :func:`seg_kernel_size`; it is clipped per axis by :func:`clip_kernel_size`
+    (``clip``: ``"seg"``, SEG-SDXL's rule, or ``"reflect"``). SEG-SDXL clips one kernel for both axes by
+    the side it reads (its grids are square); per axis, a non-square grid gets a shorter kernel along its
+    short side only. Half-precision inputs are blurred in float32.
     """
     if sigma <= 0:
         raise ValueError(f"The blur sigma must be > 0, got {sigma}.")
@@ -69,7 +82,7 @@ def gaussian_blur_2d(x: Tensor, sigma: float, kernel_size: int | None = None) ->
         raise ValueError(f"The blur kernel size must be a positive odd int, got {size}.")
     n, c, h, w = x.shape
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    kh, kw = clip_kernel_size(size, h), clip_kernel_size(size, w)
+    kh, kw = clip_kernel_size(size, h, clip), clip_kernel_size(size, w, clip)
     gy = gaussian_kernel_1d(kh, sigma, work.dtype, work.device).view(1, 1, kh, 1).expand(c, 1, kh, 1)
     gx = gaussian_kernel_1d(kw, sigma, work.dtype, work.device).view(1, 1, 1, kw).expand(c, 1, 1, kw)
     out = F.conv2d(F.pad(work, (0, 0, kh // 2, kh // 2), mode="reflect"), gy, groups=c)  # along H

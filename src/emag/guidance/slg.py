@@ -42,7 +42,12 @@ class SLG(GuidanceConfig):
 @dataclass(frozen=True)
 class STG(GuidanceConfig):
     """Spatiotemporal skip guidance: ``mode="residual"`` (STG-R) skips whole blocks, ``"attention"``
-    (STG-A) replaces their self-attention map by the identity. Default scale 1.0 over all steps."""
+    (STG-A) replaces their self-attention map by the identity. Default scale 1.0 over all steps.
+
+    STG-A uses PAG's identity edit: on DiT the attention output becomes ``V``; on SD3's joint attention the
+    image->image block becomes the identity while image queries still see the text keys and text rows are
+    untouched (guidance-methods.md 4.2). diffusers' ``skip_attention_scores`` (``V`` for every row, text
+    included) is a different perturbation; the STG paper's exact MMDiT mapping is [unverified]."""
 
     scale: float = 1.0
     layers: LayerSpec | None = None

@@ -13,8 +13,17 @@ from ..plumbing.architectures import Architecture
 from ..plumbing.edits import EditScope
 
 
-def build_terms(guidance: Sequence[Any] | None, emag: EMAG | None, guidance_scale: float) -> list[Any]:
-    """The guidance terms of a call: ``guidance=[...]`` as given, or the legacy ``guidance_scale`` / ``emag``."""
+def with_defaults(terms: Sequence[Any], family: str, guidance_scale: float | None) -> list[Any]:
+    """The terms with their call- and backbone-dependent defaults written in (``CFG(scale=None)`` takes the
+    call's ``guidance_scale``; APG's per-backbone scale and threshold), so that what runs is what the
+    metadata records."""
+    return [t.with_defaults(family, guidance_scale) if hasattr(t, "with_defaults") else t for t in terms]
+
+
+def build_terms(guidance: Sequence[Any] | None, emag: EMAG | None, guidance_scale: float,
+                family: str) -> list[Any]:
+    """The guidance terms of a call: ``guidance=[...]`` as given, or the legacy ``guidance_scale`` / ``emag``,
+    with their defaults resolved (:func:`with_defaults`)."""
     if guidance is not None:
         if emag is not None:
             raise ValueError("Pass EMAG either as `emag=` or inside `guidance=[...]`, not both.")
@@ -32,7 +41,7 @@ def build_terms(guidance: Sequence[Any] | None, emag: EMAG | None, guidance_scal
     for t in terms:
         if not hasattr(t, "runtime"):
             raise TypeError(f"{t!r} is not a guidance term (expected e.g. emag.CFG, emag.EMAG, emag.PAG).")
-    return terms
+    return with_defaults(terms, family, guidance_scale)
 
 
 def uses_uncond(terms: Sequence[Any]) -> bool:

@@ -115,7 +115,7 @@ class DiTEMAGPipeline(DiTPipeline):
             guidance_scale = 1.5 if with_emag else 4.0
         if num_inference_steps is None:  # the reference's 250-step sampler; diffusers' 50 otherwise
             num_inference_steps = 250 if with_emag else 50
-        terms = build_terms(guidance, emag, guidance_scale)
+        terms = build_terms(guidance, emag, guidance_scale, arch.family)
         imagenet_dit = self.null_class == 1000 and self.transformer.config.in_channels == 4  # DiT-XL/2's shape
         if with_emag and imagenet_dit and not self._is_reference_sampler():
             warnings.warn(f"EMAG's published DiT numbers were sampled with 250-step ancestral DDPM (learned-range "

@@ -93,7 +93,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
 
         # -- validate everything before any expensive work ------------------------------------------
         arch = architecture_of(self.transformer)
-        terms = build_terms(guidance, emag, guidance_scale)
+        terms = build_terms(guidance, emag, guidance_scale, arch.family)
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             raise NotImplementedError("Guidance terms with IP-Adapter are not supported: its processor calls attention twice.")
         if skip_guidance_layers is not None:
