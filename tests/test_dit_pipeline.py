@@ -20,7 +20,7 @@ def gen(seed=5):
 
 @pytest.fixture(scope="module")
 def base():
-    p = tiny_dit_pipeline(num_layers=6)
+    p = tiny_dit_pipeline(num_layers=6, bounded=True)
     p.set_progress_bar_config(disable=True)
     return p
 
@@ -108,6 +108,25 @@ def test_equals_the_straightforward_reference(pipe, variant, selection, mode, co
     cfg_only = run(pipe, labels, scale=1.0 if combination != "additive" else 0.0, variant=variant,
                    selection=selection, combination=combination)
     assert not torch.equal(out, cfg_only)
+
+
+@pytest.mark.parametrize("w", [1.0, 0.5])
+def test_cfg_scale_at_or_below_one_follows_the_reference_formula(pipe, w):
+    """The DiT reference runs cond, uncond (both feed the EMA) and perturbed passes every step and returns
+    u + w (eps' - u) for any w (emag.md 5.2): at w = 1 the unconditional pass still feeds the EMA, and
+    w < 1 is not diffusers' "no CFG"."""
+    ref, _ = ref_dit_sample(pipe, [1, 2], dit_latents(2), N, w, 3.0, LAYERS, gen(), ema=EMA, apply=APPLY)
+    e = emag.EMAG(scale=3.0, layers=LAYERS, guided_channels=3, **windows())
+    out = pipe(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=w,
+               output_type="latent", generator=gen(), emag=e).images
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    if w == 1.0:  # opt-in: the EMA fed by the conditional pass alone (no unconditional pass at all)
+        e1 = emag.EMAG(scale=3.0, layers=LAYERS, guided_channels=3, cond_only_score=True, **windows())
+        cond_only = pipe(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=w,
+                         output_type="latent", generator=gen(), emag=e1).images
+        assert pipe.guidance_engine.last_passes and not any(
+            "uncond" in p for p in pipe.guidance_engine.last_passes)
+        assert (cond_only - ref).abs().max() > 1e-4 * ref.abs().max()
 
 
 @pytest.mark.parametrize("variant", ["full", "q"])

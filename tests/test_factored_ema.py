@@ -62,7 +62,7 @@ def sd3():
 
 @pytest.fixture(scope="module")
 def dit():
-    p = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=6), scheduler=emag.dit_reference_scheduler())
+    p = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=6, bounded=True), scheduler=emag.dit_reference_scheduler())
     p.set_progress_bar_config(disable=True)
     return p
 

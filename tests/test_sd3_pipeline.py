@@ -103,6 +103,12 @@ def test_only_emag_scores_the_unconditional_rows_while_the_cfg_flag_is_on(pipe, 
         outs[w] = pipe(**call_kwargs(guidance_scale=w), emag=e).images
         torch.testing.assert_close(outs[w], ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert not torch.equal(outs[5.0], outs[1.0])  # the score, hence the choices, really differ
+    # the straightforward path keeps the reference's normal call on [uncond ; cond] at every step
+    e = emag.EMAG(scale=2.0, layers=LAYERS, variant=variant, combination="emag_only")
+    normal = []
+    pipe(**call_kwargs(guidance_scale=5.0), emag=e, fast=False,
+         callback_on_step_end=lambda p, i, t, k: normal.append(list(p.guidance_engine.last_passes[0])) or {})
+    assert len(normal) == N and all(sorted(x) == ["cond", "uncond"] for x in normal)
 
 
 @pytest.mark.parametrize("extra, ref_extra", [(dict(per_sample=True), dict(per_sample=True)),

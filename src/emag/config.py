@@ -80,8 +80,10 @@ class EMAG:
             prediction. Default ``None``: 3 on 4-channel DiT latents (the original DiT sampler's convention,
             with which the paper's DiT numbers were made, emag.md 5.2), all channels otherwise; 4 gives
             diffusers' DiT pipeline convention.
-        cond_only_score: opt-in, NOT the reference (SD3, nested): the layer score averages the
-            conditional rows only, so the perturbed unconditional rows are never run (cheaper).
+        cond_only_score: opt-in, NOT the reference (nested): on SD3 the layer score averages the
+            conditional rows only, so the perturbed unconditional rows are never run (cheaper); on DiT the
+            EMA is fed by the conditional pass only (the reference feeds it again from the unconditional
+            pass, which therefore runs every EMA step even at CFG scale 1).
     """
 
     scale: float | None = None

@@ -76,9 +76,11 @@ class EMAGRuntime(TermRuntime):
         self.with_uncond = setup.uses_uncond and (cfg.combination != "emag_only" or self.protocol == "sd3")
         self.fast = setup.fast
         if config.cond_only_score:
-            if self.protocol != "sd3" or cfg.combination == "additive":
-                raise ValueError("cond_only_score applies to the SD3 protocol with the nested combination (the "
-                                 "additive mode needs the perturbed unconditional prediction anyway).")
+            if cfg.combination == "additive" or (self.protocol == "dit" and cfg.combination != "nested"):
+                raise ValueError("cond_only_score applies to the nested combination (and SD3's emag_only); the "
+                                 "additive mode needs the perturbed unconditional prediction anyway.")
+            if self.protocol == "dit":
+                self.with_uncond = False  # opt-in, NOT the reference: the EMA is fed by the cond pass only
         if self.protocol == "sd3" and config.cond_only_score:
             # Opt-in, NOT the reference: the score D averages the conditional rows only, so the
             # perturbed unconditional rows are never run.
@@ -110,6 +112,8 @@ class EMAGRuntime(TermRuntime):
     def active(self, ctx: StepContext) -> bool:
         if self.cfg.combination == "additive":
             return True  # outside the windows u_e = u: the reference's u + (w + w_e)(c - u)
+        if self.protocol == "sd3" and not self.fast and "uncond" in self.rows:
+            return True  # straightforward: the reference's normal call on [uncond ; cond] at every step
         ema, apply = self._windows(ctx)
         return ema or apply
 
@@ -118,8 +122,12 @@ class EMAGRuntime(TermRuntime):
             return True
         if self.protocol == "dit":
             return self.with_uncond and self._windows(ctx)[0]
-        # SD3 fast path: the normal unconditional rows feed the EMA or are resumed from
-        return self.fast and "uncond" in self.rows and any(self._windows(ctx))
+        if "uncond" not in self.rows:
+            return False
+        # straightforward path: the reference's normal call on [uncond ; cond] at every step (emag_only
+        # with the CFG flag on has no CFG term asking for it); fast path: only where the normal
+        # unconditional rows feed the EMA or are resumed from
+        return not self.fast or any(self._windows(ctx))
 
     def attention_layers(self) -> set[int]:
         return set(self.cfg.layers)

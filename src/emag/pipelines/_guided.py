@@ -34,7 +34,11 @@ def build_terms(guidance: Sequence[Any] | None, emag: EMAG | None, guidance_scal
         if emag is not None and not isinstance(emag, EMAG):
             raise TypeError(f"`emag` must be an emag.EMAG instance or None, got {type(emag).__name__}.")
         terms = []
-        if guidance_scale > 1 and (emag is None or emag.combination != "emag_only"):
+        # diffusers' convention: guidance_scale <= 1 means no CFG. The DiT EMAG reference instead always
+        # applies eps = u + w (eps' - u) (emag.md 5.2, its fixed 1.5 exposed as w), so w < 1 there is CFG(w)
+        dit_formula = family == "dit" and emag is not None and emag.combination != "emag_only"
+        if (guidance_scale > 1 or (dit_formula and guidance_scale != 1)) and (
+                emag is None or emag.combination != "emag_only"):
             terms.append(CFG(guidance_scale))
         if emag is not None:
             terms.append(emag)

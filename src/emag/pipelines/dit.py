@@ -146,7 +146,10 @@ class DiTEMAGPipeline(DiTPipeline):
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         num_steps = len(timesteps)
-        has_uncond = uses_uncond(terms)
+        # the DiT reference runs the unconditional pass every step (cond then uncond feed the EMA), also
+        # when its output is not needed (w = 1): nested EMAG keeps it unless cond_only_score (opt-in)
+        has_uncond = uses_uncond(terms) or any(
+            isinstance(t, EMAG) and t.combination == "nested" and not t.cond_only_score for t in terms)
         setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
                       num_steps=num_steps, batch_size=batch_size, prediction="epsilon", guided_channels=channels,
                       device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
