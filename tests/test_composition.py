@@ -231,7 +231,7 @@ def test_cfg_zero_star_zero_init_step_runs_no_model_pass(pipe, monkeypatch):
 
 
 def test_dit_composition_pag_and_neutral(tmp_path):
-    base = tiny_dit_pipeline(num_layers=6)
+    base = tiny_dit_pipeline(num_layers=6, bounded=True)
     p = emag.DiTEMAGPipeline.from_pipe(base)
     p.set_progress_bar_config(disable=True)
     k = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=5, guidance_scale=3.0, output_type="latent")

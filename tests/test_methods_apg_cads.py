@@ -26,7 +26,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def dit():
-    p = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=6))
+    p = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=6, bounded=True))
     p.set_progress_bar_config(disable=True)
     return p
 

@@ -278,7 +278,7 @@ def test_sag_zero_mask_vanishes_and_picks_its_source_branch(pipe, refs):
 
 @pytest.fixture(scope="module")
 def dit():
-    p = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=4))
+    p = emag.DiTEMAGPipeline.from_pipe(tiny_dit_pipeline(num_layers=4, bounded=True))
     p.set_progress_bar_config(disable=True)
     return p
 
