@@ -252,3 +252,47 @@ def test_maps_built_by_one_head_keep_fast_equal_to_straightforward(sd3, dit, mon
     assert [(r.index, r.chosen) for r in sd3.emag_trace] == slow_trace
     close(out, slow)
     _dit_equal(dit, dict(per_sample=True), batching)
+
+
+@pytest.mark.parametrize("family, e", [("sd3", dict()), ("sd3", dict(combination="additive")),
+                                       ("sd3", dict(layers=[0, 3])), ("dit", dict()), ("dit", dict(fast=False))])
+def test_hard_replacement_multiplies_the_ema_without_building_the_live_map(sd3, dit, monkeypatch, family, e):
+    """With lambda = 1 on all image-query rows the replaced map is E itself: E V is taken directly. The
+    same images bit for bit as writing E into the live map, with fewer explicit maps built."""
+    from emag.math import ema as ema_math
+    from emag.plumbing import edits, emag_attention
+
+    fast = e.pop("fast", True)
+    built = []
+    real = ema_math.attention_probs
+    monkeypatch.setattr(edits, "attention_probs", lambda *a, **k: built.append(1) or real(*a, **k))
+
+    def go():
+        built.clear()
+        if family == "sd3":
+            out = sd3_run(sd3, fast, **e)
+        else:
+            out = dit_run(dit, fast, **e)
+        return out, len(built)
+
+    direct, n_direct = go()
+    monkeypatch.setattr(emag_attention.EMAGReplace, "given_map", lambda self, info: False)
+    written, n_written = go()
+    assert torch.equal(direct, written)
+    assert n_direct < n_written
+
+
+def test_sd3_unconditional_observer_rows_run_only_while_a_later_candidate_needs_them(sd3):
+    """The chosen block's input is the normal pass's: the normal pass feeds it, so the perturbed
+    unconditional rows (nested: they only feed the score) run only when a candidate after it exists."""
+    passes = []
+    sd3(**sd3_embeds(2), latents=sd3_latents(2), num_inference_steps=8, guidance_scale=5.0, output_type="latent",
+        emag=emag.EMAG(scale=2.0, layers=LAYERS),
+        callback_on_step_end=lambda p, i, t, k: passes.append([n for x in p.guidance_engine.last_passes for n in x])
+        or {})
+    by_start = {}
+    for r in sd3.emag_trace:
+        if r.chosen:
+            by_start.setdefault(min(r.chosen) == max(LAYERS), []).append("emag:uncond" in passes[r.index])
+    assert by_start.get(True) and not any(by_start[True])  # chosen = the last candidate: no observer rows
+    assert by_start.get(False) and all(by_start[False])

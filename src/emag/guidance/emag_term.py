@@ -150,7 +150,9 @@ class EMAGRuntime(TermRuntime):
         chosen = self._choose(ctx)
         return min(chosen) if chosen else None
 
-    def _edits(self, ctx: StepContext, which: str, feed: bool, from_block: int = 0) -> dict:
+    def _edits(self, ctx: StepContext, which: str, feed: bool, from_block: int = 0, fed_until: int = -1) -> dict:
+        """The perturbed rows' edits from ``from_block`` on: EMA feeds (when ``feed``) at the candidates
+        after ``fed_until`` (those up to it were fed by the normal pass) and the replacements."""
         chosen = self._choose(ctx)
         rows = self.rows[which]
         edits: dict[int, list] = {}
@@ -158,7 +160,7 @@ class EMAGRuntime(TermRuntime):
             if layer < from_block:
                 continue
             lst = []
-            if feed:
+            if feed and layer > fed_until:
                 lst.append(EMAGFeed(self.state, layer, rows))
             if layer in chosen:
                 lst.append(EMAGReplace(self.state, layer, rows, chosen[layer]))
@@ -175,20 +177,23 @@ class EMAGRuntime(TermRuntime):
                 return [Branch(f"emag:{w}", w, stage=0, attention=(lambda w=w: self._edits(ctx, w, ema)))
                         for w in self.rows]
             # Fast, exact: without a replacement the perturbed pass IS the normal pass (the normal branches
-            # feed the EMA instead); with one, the perturbed rows resume at the first chosen block from
-            # the normal pass's hidden states, and unconditional rows whose output is unused (nested
-            # mode) leave the pass after the last candidate block (they only feed the score).
+            # feed the EMA instead); with one, the perturbed rows resume at the first chosen block k from
+            # the normal pass's hidden states. Block k's input is the normal pass's too, so the normal
+            # pass feeds it (as every candidate before it) and the perturbed rows only replace there.
+            # Unconditional rows whose output is unused (nested mode) only feed the candidates after k:
+            # they leave the pass after the last candidate block, and are not run at all when k is the
+            # last one.
             k = self._start(ctx)
             if k is None:
                 return []
             out = []
             for w in self.rows:
                 observe_only = w == "uncond" and self.cfg.combination != "additive"
-                if observe_only and not ema:
+                if observe_only and not (ema and max(self.cfg.layers) > k):
                     continue
                 out.append(Branch(f"emag:{w}", w, stage=0, start_block=k, source=w,
                                   keep_until=max(self.cfg.layers) if observe_only else None,
-                                  attention=(lambda w=w, k=k: self._edits(ctx, w, ema, from_block=k))))
+                                  attention=(lambda w=w, k=k: self._edits(ctx, w, ema, from_block=k, fed_until=k))))
             return out
         if not apply:
             return []
@@ -218,13 +223,14 @@ class EMAGRuntime(TermRuntime):
         return {l: [EMAGFeed(self.state, l, ema_rows, repeats)] for l in self.cfg.layers}, {}
 
     def _sd3_shared_feeds(self, ctx: StepContext, branch: str):
-        """Fast SD3 path: blocks before the first chosen one (all, without a replacement) see the
-        normal pass's activations, so the normal rows feed their EMA (same EMA rows, same order)."""
+        """Fast SD3 path: the blocks up to the first chosen one (all, without a replacement) see the
+        normal pass's activations, so the normal rows feed their EMA (same EMA rows, same order, the
+        same batch as the reference's perturbed call)."""
         ema, _ = self._windows(ctx)
         if not (self.fast and ema and branch in self.rows):
             return {}, {}
         k = self._start(ctx)
-        layers = [l for l in self.cfg.layers if k is None or l < k]
+        layers = [l for l in self.cfg.layers if k is None or l <= k]
         return {l: [EMAGFeed(self.state, l, self.rows[branch])] for l in layers}, {}
 
     def before_stage(self, stage: int, ctx: StepContext, outputs) -> None:

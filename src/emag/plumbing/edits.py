@@ -77,6 +77,15 @@ class AttentionEdit:
     def end_heads(self, info: AttentionInfo, rows: tuple[int, int]) -> None:
         """After the last chunk of heads."""
 
+    def given_map(self, info: AttentionInfo) -> bool:
+        """True when ``probs`` would overwrite the whole map it is given without reading it (a hard
+        replacement): the live map need not be computed, :meth:`map_for` supplies it."""
+        return False
+
+    def map_for(self, heads: slice, dtype: torch.dtype) -> Tensor:
+        """The map ``probs`` would write, for the heads ``heads``, in ``dtype`` (see :meth:`given_map`)."""
+        raise NotImplementedError
+
     def output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, info: AttentionInfo, rows: tuple[int, int],
                sdpa) -> Tensor:
         """Rewrite the group's attention output ``[b, H, N, d]`` (``sdpa``: the fused attention function)."""
@@ -285,7 +294,18 @@ class EditScope:
             q_map = q[:, :, :n] if split else q
             mask_map = _query_rows(mask, slice(None, n)) if split else mask
             chunks = _agreed_head_chunks(edits, (*q_map.shape[:3], k.shape[2]), info)
-            if chunks is None:
+            users = [e for e in edits if e.needs_probs]
+            if modifies and len(users) == 1 and users[0].given_map(info) and q_map.shape[2] == info.num_image_tokens:
+                # a hard replacement of the whole (image-row) map: E V without the live map (the same
+                # values as writing E into the map and multiplying, by the same chunks of heads)
+                given = users[0]
+                if chunks is None:
+                    out = given.map_for(slice(None), q.dtype) @ v
+                else:
+                    out = q_map.new_empty((*q_map.shape[:-1], v.shape[-1]))
+                    for h in chunks:
+                        out[:, h] = given.map_for(h, q.dtype) @ v[:, h]
+            elif chunks is None:
                 p = attention_probs(q_map, k, info.scale, info.arch.scale_queries_first, mask_map)
                 for e in edits:
                     p = e.probs(p, info, rows)

@@ -311,6 +311,10 @@ class EMAGState:
         :meth:`replacement` without a second map-sized tensor."""
         live.copy_(self._check_fed(layer, ema_rows).ema[ema_rows][:, heads])
 
+    def ema_map(self, layer: int, ema_rows: slice, heads: slice = slice(None)) -> Tensor:
+        """The dense EMA of the rows ``ema_rows`` and heads ``heads`` (a view, storage dtype)."""
+        return self._check_fed(layer, ema_rows).ema[ema_rows][:, heads]
+
     def replacement_output(self, layer: int, live_out: Tensor, value: Tensor, ema_rows: slice, sdpa,
                            scale: float) -> Tensor:
         """Factored storage: the tracked rows' output ``lambda E V + (1 - lambda) R V`` in ``live_out``'s dtype."""
@@ -435,6 +439,14 @@ class EMAGReplace(AttentionEdit):
 
     def head_chunks(self, shape, info: AttentionInfo):
         return _map_head_chunks(self.state, shape, info)
+
+    def given_map(self, info: AttentionInfo) -> bool:
+        cfg = self.state.config
+        return (cfg.variant == "full" and not self.state.factored and self.row_mask is None and cfg.blend == 1.0
+                and cfg.rows == "image_rows")
+
+    def map_for(self, heads: slice, dtype: torch.dtype) -> Tensor:
+        return self.state.ema_map(self.layer, self.ema_rows, heads).to(dtype)
 
     def probs(self, p, info: AttentionInfo, rows, heads=None):
         cfg, n = self.state.config, info.num_image_tokens
