@@ -37,11 +37,11 @@ def windows(combination="nested"):
     return dict(ema_window=RemainingStepsWindow(*EMA), apply_window=apply)
 
 
-def run(pipe, labels=(1, 2), **emag_kwargs):
+def run(pipe, labels=(1, 2), fast=True, **emag_kwargs):
     e = emag.EMAG(**{**dict(scale=3.0, layers=LAYERS, guided_channels=3), **windows(emag_kwargs.get(
         "combination", "nested")), **emag_kwargs})
     return pipe(class_labels=list(labels), latents=dit_latents(len(labels)), num_inference_steps=N,
-                guidance_scale=1.5, output_type="latent", generator=gen(), emag=e).images
+                guidance_scale=1.5, output_type="latent", generator=gen(), emag=e, fast=fast).images
 
 
 def test_emag_none_is_the_base_pipeline(base):
@@ -151,7 +151,11 @@ def test_equals_reference_with_per_sample_selection(pipe):
 def test_equals_reference_numerics_with_explicit_attention_everywhere(pipe):
     ref, _ = ref_dit_sample(pipe, [1, 2], dit_latents(2), N, 1.5, 3.0, LAYERS, gen(), ema=EMA, apply=APPLY,
                             fused_when_idle=False)
-    torch.testing.assert_close(run(pipe), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    out = run(pipe)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    exact = run(pipe, explicit_attention=True, fast=False)
+    torch.testing.assert_close(exact, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    assert (exact - ref).abs().max() <= (out - ref).abs().max()
 
 
 def test_reference_windows_and_preset_at_250_steps(pipe):

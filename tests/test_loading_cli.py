@@ -130,6 +130,17 @@ def test_cli_batching_and_ema_storage_reach_the_pipeline(sd3_dir, tmp_path, monk
     assert meta["emag"]["ema_storage"] == "factored" and meta["emag"]["ema_storage_used"] == "factored"
     r = CliRunner().invoke(cli, ["generate", "--model", str(sd3_dir), "--prompt", "a", "--batching", "fast"])
     assert r.exit_code != 0 and "batching" in r.output
+    # the reference's layout and arithmetic
+    seen_fast = []
+    monkeypatch.setattr(emag.StableDiffusion3EMAGPipeline, "__call__",
+                        lambda self, *a, **k: seen_fast.append(k.get("fast")) or original(self, *a, **k))
+    out2 = tmp_path / "ref"
+    r = CliRunner().invoke(cli, [
+        "generate", "--model", str(sd3_dir), "--prompt", "a cat", "--layers", "1,2", "--steps", "8",
+        "--height", "16", "--width", "16", "--explicit-attention", "--straightforward", "--out", str(out2)])
+    assert r.exit_code == 0, r.output
+    meta = read_png_params(next(out2.glob("0*.png")))
+    assert seen_fast == [False] and meta["fast"] is False and meta["emag"]["explicit_attention"] is True
 
 
 def test_cli_generate_dit_by_class_name_is_reproducible(dit_dir, tmp_path):

@@ -140,6 +140,38 @@ def test_equals_reference_numerics_with_explicit_attention_everywhere(pipe):
     ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, fused_when_idle=False)
     out = pipe(**call_kwargs(), emag=emag.EMAG(scale=2.0, layers=LAYERS)).images
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    # opt-in: the same arithmetic layout (explicit P V for every row at the candidate blocks, every pass)
+    e = emag.EMAG(scale=2.0, layers=LAYERS, explicit_attention=True)
+    exact = pipe(**call_kwargs(), emag=e, fast=False).images
+    torch.testing.assert_close(exact, ref, rtol=1e-6, atol=1e-6 * ref.abs().max().item())
+    assert (exact - ref).abs().max() <= (out - ref).abs().max()
+    torch.testing.assert_close(pipe(**call_kwargs(), emag=e).images, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
+def test_explicit_attention_in_float16_reproduces_the_reference_layout(base):
+    """In float16 fused and explicit attention round differently; explicit_attention with fast=False
+    computes what the reference code computes, in its order."""
+    half = emag.StableDiffusion3EMAGPipeline.from_pipe(base).to(torch.float16)
+    half.set_progress_bar_config(disable=True)
+    embeds = {k: v.half() for k, v in sd3_embeds(2).items()}
+    latents = sd3_latents(2).half()
+    try:
+        ref, _ = ref_sd3_sample(half, embeds, latents, N, 5.0, 2.0, LAYERS, fused_when_idle=False)
+        kw = dict(**embeds, latents=latents, num_inference_steps=N, guidance_scale=5.0, output_type="latent")
+        exact = half(**kw, emag=emag.EMAG(scale=2.0, layers=LAYERS, explicit_attention=True), fast=False).images
+        fused = half(**kw, emag=emag.EMAG(scale=2.0, layers=LAYERS), fast=False).images
+    finally:
+        half.to(torch.float32)
+    scale = ref.float().abs().max()
+    assert (exact.float() - ref.float()).abs().max() <= 1e-6 * scale
+    assert (fused.float() - ref.float()).abs().max() > (exact.float() - ref.float()).abs().max()
+
+
+def test_explicit_attention_is_checked():
+    with pytest.raises(ValueError, match="full variant"):
+        emag.EMAG(variant="q", explicit_attention=True)
+    with pytest.raises(ValueError, match="dense"):
+        emag.EMAG(ema_storage="factored", explicit_attention=True)
 
 
 def test_qk_norm_model_sd35_like():

@@ -77,6 +77,12 @@ def _window(value: str | None):
 @click.option("--batching", type=click.Choice(BATCHING), default="normal", show_default=True,
               help="Forward-pass layout: normal (the reference's), all (one pass per step; EMAG's perturbed "
                    "rows join the normal pass: fastest), none (least memory), auto (all when it fits, CUDA).")
+@click.option("--explicit-attention", is_flag=True, default=None,
+              help="Full EMAG: explicit softmax(QK^T)V for every row at the candidate blocks, as the reference code "
+                   "(its float16 rounding; slower).")
+@click.option("--straightforward", is_flag=True, default=False,
+              help="The reference's pass layout (a full perturbed pass on the doubled batch) instead of the exact "
+                   "fast path; with --explicit-attention: the reference's arithmetic.")
 @click.option("--guided-channels", type=click.IntRange(min=1), default=None, help="DiT: guide only the first N channels.")
 @click.option("--ema-window", metavar="START,STOP", default=None, help="EMA window as step fractions [start, stop).")
 @click.option("--apply-window", metavar="START,STOP", default=None, help="Replacement window as step fractions.")
@@ -93,7 +99,8 @@ def _window(value: str | None):
 @click.option("--download/--no-download", default=False, show_default=True, help="Allow downloading from the hub.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
 def generate(model, prompts, negative_prompt, class_labels, preset, method, params, scale, layers, beta, blend, variant, rows,
-             selection, per_sample, combination, ema_dtype, ema_storage, batching, guided_channels, ema_window,
+             selection, per_sample, combination, ema_dtype, ema_storage, batching, explicit_attention, straightforward,
+             guided_channels, ema_window,
              apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download,
              out_dir):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
@@ -105,7 +112,7 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
     overrides = {k: v for k, v in dict(
         scale=scale, layers=layers, beta=beta, blend=blend, variant=variant, rows=rows, selection=selection,
         per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, ema_storage=ema_storage,
-        guided_channels=guided_channels,
+        guided_channels=guided_channels, explicit_attention=explicit_attention,
         ema_window=_window(ema_window), apply_window=_window(apply_window),
     ).items() if v is not None}
     method_params: dict[str, dict[str, str]] = {}
@@ -123,6 +130,7 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
             num_inference_steps=steps, height=height, width=width, seed=seed,
             num_images=num_images or (6 if model is None else 1),
             sampler=sampler, dtype=dtype, device=device, allow_download=download, batching=batching,
+            fast=not straightforward,
         )
     except (MissingWeightsError, ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None

@@ -84,6 +84,12 @@ class EMAG:
             conditional rows only, so the perturbed unconditional rows are never run (cheaper); on DiT the
             EMA is fed by the conditional pass only (the reference feeds it again from the unconditional
             pass, which therefore runs every EMA step even at CFG scale 1).
+        explicit_attention: opt-in (full variant): at the candidate blocks, every pass computes the
+            attention of every query row explicitly, ``softmax((Q K^T) s) V``, as the reference code does
+            (its processor at those blocks), instead of fused attention for the rows EMAG does not edit.
+            The same numbers in exact arithmetic; in float16 the fused kernels round differently (~1e-3 of
+            the output range), so with ``fast=False`` this reproduces the reference's arithmetic layout.
+            Slower and needs the whole map of a block (dense EMA storage).
     """
 
     scale: float | None = None
@@ -102,6 +108,7 @@ class EMAG:
     ema_storage: str = "auto"
     guided_channels: int | None = None
     cond_only_score: bool = False
+    explicit_attention: bool = False
     preset_name: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -129,6 +136,14 @@ class EMAG:
             raise TypeError(f"`cond_only_score` must be a bool, got {self.cond_only_score!r}.")
         if not isinstance(self.per_sample, bool):
             raise TypeError(f"`per_sample` must be a bool, got {self.per_sample!r}.")
+        if not isinstance(self.explicit_attention, bool):
+            raise TypeError(f"`explicit_attention` must be a bool, got {self.explicit_attention!r}.")
+        if self.explicit_attention and self.variant != "full":
+            raise ValueError("explicit_attention applies to the full variant (the q variant's reference uses fused "
+                             "attention).")
+        if self.explicit_attention and self.ema_storage == "factored":
+            raise ValueError("explicit_attention builds whole maps: it needs the dense EMA (ema_storage='dense' "
+                             "or 'auto').")
         for name in ("ema_window", "apply_window"):
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, as_window(getattr(self, name), name))
@@ -188,6 +203,7 @@ class ResolvedEMAG:
     guided_channels: int | None
     cond_only_score: bool = False
     ema_storage: str = "auto"
+    explicit_attention: bool = False
     preset_name: str | None = None
 
     @property
@@ -237,6 +253,7 @@ def resolve(emag: EMAG, family: str, num_blocks: int, model_name: str) -> Resolv
         ema_dtype=emag.ema_dtype if emag.ema_dtype is not None else d["ema_dtype"],
         guided_channels=emag.guided_channels,
         cond_only_score=emag.cond_only_score,
-        ema_storage=emag.ema_storage,
+        ema_storage="dense" if emag.explicit_attention else emag.ema_storage,
+        explicit_attention=emag.explicit_attention,
         preset_name=emag.preset_name,
     )

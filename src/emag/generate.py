@@ -49,6 +49,7 @@ class GenerationPlan:
     dtype: str = "float32"
     device: str = "cpu"
     batching: str = "normal"
+    fast: bool = True
     resolved_emag: dict[str, Any] | None = None
 
     @property
@@ -106,6 +107,7 @@ def plan_generation(
     device: str = "cpu",
     allow_download: bool = False,
     batching: str = "normal",
+    fast: bool = True,
 ) -> GenerationPlan:
     """Check a generation request against the model's configs; no weights are loaded."""
     from .engine import BATCHING
@@ -152,7 +154,7 @@ def plan_generation(
         terms=terms, term_params=[_describe(t) for t in terms], guidance_scale=w,
         num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
         seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
-        batching=batching, resolved_emag=resolved,
+        batching=batching, fast=fast, resolved_emag=resolved,
     )
     if plan.num_inference_steps < 1:
         raise ValueError("The number of steps must be >= 1.")
@@ -266,7 +268,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
         seed = plan.seed + index
         generator = torch.Generator(device="cpu").manual_seed(seed)
         common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                      generator=generator, guidance=plan.terms, batching=plan.batching)
+                      generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
         if plan.family == "sd3":
             out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
                        width=plan.width, **common)
@@ -277,7 +279,7 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
             "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": seed,
             "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
             "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
-            "batching": plan.batching,
+            "batching": plan.batching, "fast": plan.fast,
             "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
         }
         state = next((r.state for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)

@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..config import EMAG, ResolvedEMAG, resolve
 from ..math.combine import emag_only
+from ..plumbing.edits import ExplicitAttention
 from ..plumbing.emag_attention import EMAGFeed, EMAGReplace, EMAGState
 from ..windows import RemainingStepsWindow, StepContext, window_steps
 from .base import Branch, Setup, TermRuntime
@@ -114,6 +115,8 @@ class EMAGRuntime(TermRuntime):
             return True  # outside the windows u_e = u: the reference's u + (w + w_e)(c - u)
         if self.protocol == "sd3" and not self.fast and "uncond" in self.rows:
             return True  # straightforward: the reference's normal call on [uncond ; cond] at every step
+        if self.cfg.explicit_attention:
+            return True  # the reference's explicit attention at the candidate blocks, at every step
         ema, apply = self._windows(ctx)
         return ema or apply
 
@@ -160,6 +163,8 @@ class EMAGRuntime(TermRuntime):
             if layer < from_block:
                 continue
             lst = []
+            if self.cfg.explicit_attention:
+                lst.append(ExplicitAttention())
             if feed and layer > fed_until:
                 lst.append(EMAGFeed(self.state, layer, rows))
             if layer in chosen:
@@ -213,6 +218,12 @@ class EMAGRuntime(TermRuntime):
         return set(self.cfg.layers)  # DiT chooses after the normal pass: any candidate may be the start
 
     def shared_edits(self, ctx: StepContext, branch: str):
+        att, blk = self._shared_feeds(ctx, branch)
+        if self.cfg.explicit_attention:  # the reference's processor at the candidate blocks, every pass
+            att = {l: [ExplicitAttention(), *att.get(l, [])] for l in self.cfg.layers}
+        return att, blk
+
+    def _shared_feeds(self, ctx: StepContext, branch: str):
         if self.protocol == "sd3":
             return self._sd3_shared_feeds(ctx, branch)
         if not self._windows(ctx)[0] or branch not in self.rows and not (

@@ -95,6 +95,14 @@ class AttentionEdit:
         """Called once per intercepted call after every group was processed."""
 
 
+class ExplicitAttention(AttentionEdit):
+    """Compute the group's attention explicitly for every query row, ``softmax((Q K^T) s) V``, instead of
+    the fused kernel: the reference EMAG code's arithmetic at its candidate blocks. Other edits of the
+    group (an EMA feed, a replacement) act on the same whole map."""
+
+    needs_probs = True
+
+
 class BlockEdit:
     """Base class for whole-block edits (skip, token permutation)."""
 
