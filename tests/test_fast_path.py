@@ -49,7 +49,7 @@ def block_rows(p, run):
 @pytest.mark.parametrize("e", [
     dict(variant="full"), dict(variant="q"), dict(selection="all"), dict(rows="img2img"), dict(rows="img2txt"),
     dict(per_sample=True), dict(combination="additive"), dict(combination="emag_only"), dict(layers=[0, 3]),
-    dict(ema_window=(0.0, 0.8), apply_window=(0.25, 0.6)),
+    dict(ema_window=(0.0, 0.8), apply_window=(0.25, 0.6)), dict(explicit_attention=True),
 ])
 def test_sd3_fast_equals_straightforward(sd3, e):
     slow = sd3_run(sd3, False, **e)
@@ -86,7 +86,8 @@ def test_sd3_fast_skips_work(sd3):
 
 
 @pytest.mark.parametrize("e", [dict(variant="full"), dict(variant="q"), dict(combination="additive"),
-                               dict(layers=[0, 3]), dict(per_sample=True, ema_storage="factored")])
+                               dict(layers=[0, 3]), dict(per_sample=True, ema_storage="factored"),
+                               dict(explicit_attention=True)])
 def test_sd3_joined_pass_equals_straightforward(sd3, e):
     """batching="all": the perturbed rows join the normal pass at the chosen block (one pass per step)."""
     slow = sd3_run(sd3, False, **e)
@@ -128,7 +129,8 @@ def dit_run(p, fast, batching="normal", **e):
 
 
 @pytest.mark.parametrize("e", [dict(), dict(variant="q"), dict(selection="all"), dict(selection="entropy"),
-                               dict(per_sample=True), dict(combination="additive"), dict(combination="emag_only")])
+                               dict(per_sample=True), dict(combination="additive"), dict(combination="emag_only"),
+                               dict(explicit_attention=True)])
 def test_dit_fast_equals_straightforward(dit, e):
     _dit_equal(dit, e, "normal")
 

@@ -207,7 +207,8 @@ class EMAGRuntime(TermRuntime):
             return [Branch(f"emag:{w}", w, stage=1, attention=(lambda w=w: self._edits(ctx, w, False)))
                     for w in names]
         return [Branch(f"emag:{w}", w, stage=1, start_block=(lambda: self._start(ctx) or 0), source=w,
-                       attention=(lambda w=w: self._edits(ctx, w, False))) for w in names]
+                       attention=(lambda w=w: self._edits(ctx, w, False, from_block=self._start(ctx) or 0)))
+                for w in names]
 
     def capture_blocks(self, ctx: StepContext) -> set[int]:
         if not self.fast or not self._windows(ctx)[1]:
