@@ -161,6 +161,25 @@ def test_cfg_rescale_runs_in_its_own_space_whatever_the_combine_space(base, pipe
         emag.CFG(5.0, rescale=0.7, rescale_space="eps")
 
 
+@pytest.mark.parametrize("make", [lambda **r: emag.APG(5.0, **r), lambda **r: emag.CFGZeroStar(5.0, zero_init_steps=0, **r)])
+def test_rescale_after_apg_and_cfg_zero_star(base, pipe, make):
+    """diffusers applies CFG rescale after APG and CFG-Zero* too: phi D_g std(c) / std(D_g) + (1 - phi) D_g on the
+    velocity, D_g the method's own output (one step from identical noise, by hand)."""
+    x, s = sd3_latents(2), pipe.scheduler.sigmas
+    plain = pipe(**kw(num_inference_steps=1, guidance=[make()])).images
+    out = pipe(**kw(num_inference_steps=1, guidance=[make(rescale=0.7)])).images
+    e = sd3_embeds(2)
+    c = base.transformer(hidden_states=x, timestep=(s[0] * 1000).expand(2), encoder_hidden_states=e["prompt_embeds"],
+                         pooled_projections=e["pooled_prompt_embeds"], return_dict=False)[0]
+    v_g = (plain - x) / (s[1] - s[0])
+    dims = [1, 2, 3]
+    expected = 0.7 * v_g * c.std(dim=dims, keepdim=True) / v_g.std(dim=dims, keepdim=True) + 0.3 * v_g
+    torch.testing.assert_close((out - x) / (s[1] - s[0]), expected, rtol=1e-3, atol=1e-3)
+    assert (out - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="rescale"):
+        make(rescale=1.5)
+
+
 def test_cfg_without_a_scale_takes_the_calls_guidance_scale(pipe):
     assert torch.equal(pipe(**kw(guidance=[emag.CFG()], guidance_scale=3.0)).images,
                        pipe(**kw(guidance=[emag.CFG(3.0)])).images)

@@ -17,8 +17,8 @@ The pure functions below implement one step each; :class:`APG` is the composable
 
 from __future__ import annotations
 
-import math
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from torch import Tensor
 from ..math.combine import cfg
 from ..windows import StepContext
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
+from .cfg import RescaleRuntime, check_rescale
 
 TARGETS = ("cfg", "pert", "both")
 THRESHOLD_MODES = ("absolute", "rms")
@@ -141,6 +142,8 @@ class APG(GuidanceConfig):
             latent (SD3 1024 px: 16x128x128, r = 7.5 / 512; DiT 256 px: 4x32x32, r = 5 / 64).
         window: step window of the term (fractions ``(start, stop)``, half-open) or a sigma interval;
             outside it APG is off entirely (no CFG; perturbation terms linear; buffers not updated).
+        rescale, rescale_space: CFG rescale after APG, as :class:`~emag.CFG`'s (diffusers applies it after
+            APG too); default off.
 
     State: one momentum buffer per guidance direction, created empty for every pipeline call and
     never shared between directions or calls; a direction's buffer is updated only at the steps where
@@ -158,6 +161,8 @@ class APG(GuidanceConfig):
     space: str = "x0"
     threshold_mode: str = "absolute"
     window: Any = None
+    rescale: float = 0.0
+    rescale_space: str = "native"
 
     def __post_init__(self) -> None:
         if self.scale is not None:
@@ -172,6 +177,7 @@ class APG(GuidanceConfig):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Unknown APG {name} {getattr(self, name)!r}; expected one of {allowed}.")
         window_of(self.window)
+        check_rescale(self.rescale, self.rescale_space)
 
     def needs_negative(self) -> bool:
         """Whether the unconditional prediction can be needed (the CFG part is off at ``scale == 1``)."""
@@ -198,7 +204,7 @@ class APG(GuidanceConfig):
         return APGRuntime(self, window_of(self.window), **self.resolved(setup.family))
 
 
-class APGRuntime(TermRuntime):
+class APGRuntime(RescaleRuntime):
     """Per-call APG state: ``buffers`` maps a guidance direction (``"cfg"`` or a term's runtime) to its
     momentum buffer (float64, unclamped)."""
 

@@ -31,6 +31,31 @@ def zero_star_scale(cond: Tensor, uncond: Tensor) -> Tensor:
     return s.view(-1, *([1] * (cond.dim() - 1))).to(cond.dtype)
 
 
+RESCALE_SPACES = ("native", "x0")
+
+
+def check_rescale(rescale: float, space: str) -> None:
+    """Validate a CFG-rescale ``phi`` in [0, 1] and the space it runs in."""
+    check_scale("rescale", rescale)
+    if rescale > 1:
+        raise ValueError(f"`rescale` must be in [0, 1], got {rescale}.")
+    if space not in RESCALE_SPACES:
+        raise ValueError(f"`rescale_space` must be 'native' or 'x0', got {space!r}.")
+
+
+class RescaleRuntime(TermRuntime):
+    """A base term whose config has ``rescale`` / ``rescale_space``: CFG rescale after all terms
+    (guidance-methods.md 1.3, 11.6), in its own space whatever space the terms were combined in (the std
+    matching is not affine, 0.2). diffusers applies it after CFG, APG and CFG-Zero* alike."""
+
+    @property
+    def post_space(self) -> str | None:
+        return self.config.rescale_space if self.config.rescale > 0 else None
+
+    def post(self, guided, c, ctx) -> Tensor:
+        return rescale_cfg(guided, c, self.config.rescale) if self.config.rescale > 0 else guided
+
+
 @dataclass(frozen=True)
 class CFG(GuidanceConfig):
     """Classifier-free guidance ``D = u + w (c - u)`` (Ho & Salimans 2022; Imagen convention, w = 1 is off).
@@ -66,11 +91,7 @@ class CFG(GuidanceConfig):
     def __post_init__(self) -> None:
         if self.scale is not None:
             check_scale("scale", self.scale)
-        check_scale("rescale", self.rescale)
-        if self.rescale > 1:
-            raise ValueError(f"`rescale` must be in [0, 1], got {self.rescale}.")
-        if self.rescale_space not in ("native", "x0"):
-            raise ValueError(f"`rescale_space` must be 'native' or 'x0', got {self.rescale_space!r}.")
+        check_rescale(self.rescale, self.rescale_space)
         if self.interval is not None and self.window is not None:
             raise ValueError("Give either `window` or `interval` (the sigma guidance interval), not both.")
         if self.interval is not None:
@@ -100,7 +121,7 @@ class CFG(GuidanceConfig):
         return CFGRuntime(self, self.term_window())
 
 
-class CFGRuntime(TermRuntime):
+class CFGRuntime(RescaleRuntime):
     """CFG; its rescale (after all terms, guidance-methods.md 11.6) runs in ``rescale_space`` whatever
     space the terms are combined in: the std matching is not affine (0.2), so the same call must not
     rescale differently because another term asked for x0 space."""
@@ -108,18 +129,11 @@ class CFGRuntime(TermRuntime):
     kind = "base"
     name = "cfg"
 
-    @property
-    def post_space(self) -> str | None:
-        return self.config.rescale_space if self.config.rescale > 0 else None
-
     def active(self, ctx: StepContext) -> bool:
         return self.config.scale != 1.0 and self.window.contains(ctx)
 
     def combine(self, c, u, p, ctx) -> Tensor:
         return cfg(u, c, self.config.scale)
-
-    def post(self, guided, c, ctx) -> Tensor:
-        return rescale_cfg(guided, c, self.config.rescale) if self.config.rescale > 0 else guided
 
 
 @dataclass(frozen=True)
@@ -134,15 +148,21 @@ class CFGZeroStar(GuidanceConfig):
 
     ``original_formulation=True``: the original-CFG form ``D = c + w (c - s* u)`` (guidance-methods.md
     1.4, diffusers' ``use_original_formulation``; ``w`` there is ``w' = w_Imagen - 1``).
+
+    ``rescale`` / ``rescale_space``: CFG rescale after it, as :class:`CFG`'s (diffusers applies it after
+    CFG-Zero* too).
     """
 
     scale: float = 4.0
     zero_init_steps: int = 1
     window: Any = None
     original_formulation: bool = False
+    rescale: float = 0.0
+    rescale_space: str = "native"
 
     def __post_init__(self) -> None:
         check_scale("scale", self.scale)
+        check_rescale(self.rescale, self.rescale_space)
         if not isinstance(self.zero_init_steps, int) or self.zero_init_steps < 0:
             raise ValueError(f"`zero_init_steps` must be an int >= 0, got {self.zero_init_steps!r}.")
         if not isinstance(self.original_formulation, bool):
@@ -156,7 +176,7 @@ class CFGZeroStar(GuidanceConfig):
         return CFGZeroStarRuntime(self, window_of(self.window))
 
 
-class CFGZeroStarRuntime(TermRuntime):
+class CFGZeroStarRuntime(RescaleRuntime):
     """Computed on the velocity (the paper's space: ``s*`` and the zero output are velocity ones), whatever
     space the other terms are combined in."""
 
