@@ -106,6 +106,29 @@ def test_prdc_chunking_does_not_change_results_and_accepts_torch():
     assert a == b
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_prdc_is_exact_with_duplicates_whatever_the_chunk_size(k):
+    """Exact duplicates are at distance 0 and copies of a ball's k-th neighbour lie on its surface: the Gram
+    identity's rounding (which depends on the block shape) must not move them out of the ball."""
+    rng = np.random.default_rng(4)
+    base = rng.normal(size=(40, 6)) * 3.7
+    real = np.concatenate([base, base])  # every real point twice
+    fake = real[rng.choice(len(real), 30, replace=False)]  # fakes are copies of real points
+    want = brute_prdc(real, fake, k)
+    for chunk in (1, 7, 64, 1024):
+        got = metrics.prdc(real, fake, k=k, chunk_size=chunk)
+        assert got == pytest.approx(want, abs=1e-12), chunk
+        np.testing.assert_array_equal(metrics.knn_radii(real, 1, chunk).numpy(), 0.0)
+
+
+def test_prdc_does_not_depend_on_a_common_offset():
+    rng = np.random.default_rng(5)
+    real, fake = rng.normal(size=(60, 8)), rng.normal(size=(50, 8)) + 0.3
+    want = metrics.prdc(real, fake, k=3)
+    assert metrics.prdc(real + 1e6, fake + 1e6, k=3) == want
+    torch.testing.assert_close(metrics.knn_radii(real + 1e6, 3), metrics.knn_radii(real, 3), rtol=1e-9, atol=0)
+
+
 def test_knn_radii_excludes_self_but_counts_duplicates():
     pts = np.array([[0.0], [0.0], [2.0], [5.0]])
     r = metrics.knn_radii(pts, k=1)  # squared distances
@@ -183,33 +206,44 @@ def test_frechet_rank_deficient_covariances():
 
 
 def test_frechet_offset_retry_and_imaginary_check(monkeypatch):
+    """pytorch-fid / ADM safeguards around scipy.linalg.sqrtm: a non-finite root is retried with eps on both
+    diagonals; an imaginary DIAGONAL above 1e-3 is an error, a smaller one is dropped."""
     rng = np.random.default_rng(9)
     mu, s1, s2 = rng.normal(size=3), random_spd(3, rng), random_spd(3, rng)
-    real_eigvals = np.linalg.eigvals
+    real_sqrtm = scipy.linalg.sqrtm
     calls = []
 
-    def first_call_fails(m):
+    def first_call_fails(m, *a, **k):
         calls.append(m.copy())
-        if len(calls) == 1:
-            return np.full(m.shape[0], np.nan)
-        return real_eigvals(m)
+        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
 
-    monkeypatch.setattr(metrics.np.linalg, "eigvals", first_call_fails)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", first_call_fails)
     with pytest.warns(RuntimeWarning, match="singular"):
         got = metrics.frechet_distance(mu, s1, mu, s2, eps=1e-3)
     off = np.eye(3) * 1e-3
     np.testing.assert_allclose(calls[1], (s1 + off) @ (s2 + off))
     # as the ADM evaluator: the offset enters the square root only, the traces use the original covariances
-    want = np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(scipy.linalg.sqrtm((s1 + off) @ (s2 + off))))
+    want = np.trace(s1) + np.trace(s2) - 2 * np.trace(np.real(real_sqrtm((s1 + off) @ (s2 + off))))
     assert got == pytest.approx(want, rel=1e-9)
 
-    # a product with clearly negative eigenvalues has an imaginary square root: an error
-    monkeypatch.setattr(metrics.np.linalg, "eigvals", lambda m: np.array([-1.0, 1.0, 1.0]))
+    root = np.eye(3, dtype=np.complex128)
+    root[0, 1] = 5j  # off-diagonal imaginary parts are not judged, as in pytorch-fid
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: root + np.diag([2e-3j, 0, 0]))
     with pytest.raises(ValueError, match="imaginary"):
         metrics.frechet_distance(mu, s1, mu, s2)
-    # a tiny one (rounding) is dropped
-    monkeypatch.setattr(metrics.np.linalg, "eigvals", lambda m: np.array([-1e-9, 1.0, 4.0]))
-    assert metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)) == pytest.approx(3 + 3 - 2 * 3)
+    monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: root + np.diag([1e-4j, 0, 0]))
+    assert metrics.frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3)) == pytest.approx(0.0)
+
+
+def test_frechet_accepts_rank_deficient_covariances_as_pytorch_fid():
+    """Fewer samples than dimensions: the product is singular; its tiny negative eigenvalues give the
+    eigenvalue square roots imaginary parts, but the root's diagonal (what pytorch-fid judges) is fine."""
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(10, 16)) * 300, rng.normal(size=(10, 16)) * 300
+    mu1, s1 = metrics.feature_statistics(a)
+    mu2, s2 = metrics.feature_statistics(b)
+    got = metrics.frechet_distance(mu1, s1, mu2, s2)
+    assert got == pytest.approx(brute_frechet(mu1, s1, mu2, s2), rel=1e-6)
 
 
 def test_frechet_shape_errors():
