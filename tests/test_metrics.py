@@ -273,3 +273,9 @@ def test_classifier_accuracy():
     assert metrics.classifier_accuracy(np.array([0, 1]), np.array([0, 1])) == 1.0
     with pytest.raises(ValueError):
         metrics.classifier_accuracy(torch.tensor([1, 2]), torch.tensor([1]))
+
+
+def test_classifier_accuracy_refuses_a_column_of_ids():
+    """[N, 1] is ambiguous (ids as a column, or scores of one class): an error, not argmax = 0 everywhere."""
+    with pytest.raises(ValueError, match="ambiguous"):
+        metrics.classifier_accuracy(torch.tensor([[1], [2]]), torch.tensor([1, 2]))

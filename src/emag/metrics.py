@@ -269,6 +269,9 @@ def classifier_accuracy(predictions, targets) -> float:
     p = torch.as_tensor(np.asarray(predictions) if not isinstance(predictions, torch.Tensor) else predictions)
     t = torch.as_tensor(np.asarray(targets) if not isinstance(targets, torch.Tensor) else targets).reshape(-1)
     if p.dim() == 2:
+        if p.shape[1] < 2:
+            raise ValueError(f"predictions of shape {tuple(p.shape)} are ambiguous: give class ids as [N] or "
+                             "scores as [N, C] with C >= 2.")
         p = p.argmax(dim=1)
     p = p.reshape(-1)
     if p.shape != t.shape:
