@@ -143,6 +143,36 @@ def test_cli_batching_and_ema_storage_reach_the_pipeline(sd3_dir, tmp_path, monk
     assert seen_fast == [False] and meta["fast"] is False and meta["emag"]["explicit_attention"] is True
 
 
+def test_cli_resumes_an_interrupted_run_and_never_overwrites_other_work(dit_dir, tmp_path, monkeypatch):
+    import emag.loading
+
+    args = ["generate", "--model", str(dit_dir), "--class-label", "3", "--num-images", "3", "--layers", "1-2",
+            "--steps", "4", "--sampler", "default", "--ema-window", "0,1", "--apply-window", "0.25,1",
+            "--out", str(tmp_path)]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    pngs = sorted(tmp_path.glob("0*.png"))
+    assert len(pngs) == 3
+    first = {p.name: p.read_bytes() for p in pngs}
+    pngs[2].unlink()  # "interrupted" before the third image
+    pngs[2].with_suffix(".json").unlink()
+    loads = []
+    real = emag.loading.load_pipeline
+    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 0, r.output
+    assert "2 image(s) already" in r.output and len(loads) == 1
+    assert {p.name: p.read_bytes() for p in sorted(tmp_path.glob("0*.png"))} == first  # same seeds, same images
+    r = CliRunner().invoke(cli, args)  # all done: the model is not even loaded
+    assert r.exit_code == 0 and len(loads) == 1 and "3 image(s) already" in r.output
+    r = CliRunner().invoke(cli, args + ["--cfg", "2.5"])  # other parameters, same folder
+    assert r.exit_code != 0 and "other parameters" in r.output and "Traceback" not in r.output
+    assert {p.name: p.read_bytes() for p in sorted(tmp_path.glob("0*.png"))} == first
+    r = CliRunner().invoke(cli, args + ["--cfg", "2.5", "--overwrite"])
+    assert r.exit_code == 0, r.output
+    assert read_png_params(sorted(tmp_path.glob("0*.png"))[0])["guidance_scale"] == 2.5
+
+
 def test_cli_generate_dit_by_class_name_is_reproducible(dit_dir, tmp_path):
     args = ["generate", "--model", str(dit_dir), "--class-label", "digit 3", "--class-label", "5", "--layers", "1-2",
             "--steps", "6", "--sampler", "default", "--ema-window", "0,1", "--apply-window", "0.2,1"]

@@ -98,14 +98,17 @@ def _window(value: str | None):
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--download/--no-download", default=False, show_default=True, help="Allow downloading from the hub.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Regenerate images already in --out (default: keep those made with the same parameters, i.e. "
+                   "resume an interrupted run; an image made with other parameters is an error).")
 def generate(model, prompts, negative_prompt, class_labels, preset, method, params, scale, layers, beta, blend, variant, rows,
              selection, per_sample, combination, ema_dtype, ema_storage, batching, explicit_attention, straightforward,
              guided_channels, ema_window,
              apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download,
-             out_dir):
+             out_dir, overwrite):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
     from .generate import generate as run
-    from .generate import plan_generation
+    from .generate import output_path, plan_generation
     from .io import save_png
     from .loading import MissingWeightsError
 
@@ -141,12 +144,22 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
     from .io import save_grid
 
     rows: dict[object, list] = {}
+    resumed = 0
     with click.progressbar(length=len(plan.jobs), label="images", file=sys.stderr) as bar:
-        for index, image, params in run(plan):
-            path = save_png(image, out / f"{index:05d}_seed{params['seed']}.png", params)
-            rows.setdefault(str(params["condition"]), []).append(image)
-            click.echo(str(path))
-            bar.update(1)
+        try:
+            for index, image, params, done in run(plan, out_dir=None if overwrite else out):
+                path = output_path(out, index, params)
+                if done:
+                    resumed += 1
+                else:
+                    save_png(image, path, params)
+                rows.setdefault(str(params["condition"]), []).append(image)
+                click.echo(str(path))
+                bar.update(1)
+        except ValueError as exc:  # an image in --out made with other parameters
+            raise click.ClickException(str(exc)) from None
+    if resumed:
+        click.echo(f"{resumed} image(s) already in {out}/ with the same parameters were kept (resumed).", err=True)
     if len(plan.jobs) > 1:
         click.echo(str(save_grid(list(rows.values()), out / "grid.png")))
 

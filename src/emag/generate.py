@@ -9,6 +9,7 @@ per image with its own generator seeded ``seed + index``, so every image is repr
 
 from __future__ import annotations
 
+import json
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -252,21 +253,77 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[str, Any]]]:
-    """Load the pipeline (unless given) and yield ``(index, PIL image, params)`` for every job."""
+def job_params(plan: GenerationPlan, index: int) -> dict[str, Any]:
+    """Every parameter of job ``index`` (what its PNG records), before it runs."""
+    job = plan.jobs[index]
+    return {
+        "model": plan.model, "family": plan.family, "method": plan.method, "preset": plan.preset.name,
+        "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": plan.seed + index,
+        "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
+        "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
+        "batching": plan.batching, "fast": plan.fast,
+        "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
+    }
+
+
+def output_path(out_dir, index: int, params: dict[str, Any]) -> Path:
+    return Path(out_dir) / f"{index:05d}_seed{params['seed']}.png"
+
+
+def _comparable(params: dict[str, Any]) -> dict[str, Any]:
+    """The parameters that decide an image (library versions and what "auto" chose at run time aside)."""
+    d = json.loads(json.dumps({k: v for k, v in params.items() if k != "versions"}, sort_keys=True, default=str))
+    if isinstance(d.get("emag"), dict):
+        d["emag"].pop("ema_storage_used", None)
+    return d
+
+
+def finished_image(path: Path, params: dict[str, Any]):
+    """The image already at ``path`` if it was made with ``params`` (a resumed run keeps it), None if
+    there is none; ``ValueError`` if it was made with other parameters (finished work is never
+    overwritten silently)."""
+    from .io import read_png_params
+
+    if not path.exists():
+        return None
+    try:
+        stored = read_png_params(path)
+    except Exception as exc:  # noqa: BLE001 - a truncated or foreign file
+        raise ValueError(f"{path} exists but is not a finished emag image ({exc}); remove it or use --overwrite.") from None
+    if _comparable(stored) != _comparable(params):
+        raise ValueError(f"{path} exists and was made with other parameters; use another --out folder or "
+                         "--overwrite.")
+    from PIL import Image
+
+    with Image.open(path) as im:
+        return im.copy()
+
+
+def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[int, Any, dict[str, Any], bool]]:
+    """Yield ``(index, PIL image, params, resumed)`` for every job, loading the pipeline (unless given)
+    only if some job has to run. With ``out_dir``, a job whose image is already there with the same
+    parameters is not run again (``resumed`` True): an interrupted run picks up where it stopped."""
     from .loading import load_pipeline
     from .schedulers import dit_reference_scheduler
 
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[plan.dtype]
-    if pipe is None:
-        pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
-    if len(plan.jobs) > 1:
-        pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
-    if plan.family == "dit" and plan.sampler == "ddpm-250":
-        pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    ready = False
     for index, job in enumerate(plan.jobs):
-        seed = plan.seed + index
-        generator = torch.Generator(device="cpu").manual_seed(seed)
+        params = job_params(plan, index)
+        if out_dir is not None:
+            done = finished_image(output_path(out_dir, index, params), params)
+            if done is not None:
+                yield index, done, params, True
+                continue
+        if not ready:
+            if pipe is None:
+                pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
+            if len(plan.jobs) > 1:
+                pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
+            if plan.family == "dit" and plan.sampler == "ddpm-250":
+                pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
+            ready = True
+        generator = torch.Generator(device="cpu").manual_seed(params["seed"])
         common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
                       generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
         if plan.family == "sd3":
@@ -274,18 +331,10 @@ def generate(plan: GenerationPlan, pipe=None) -> Iterator[tuple[int, Any, dict[s
                        width=plan.width, **common)
         else:
             out = pipe(class_labels=[job["condition"]], **common)  # noise layout: the pipeline's (reference) default
-        params = {
-            "model": plan.model, "family": plan.family, "method": plan.method, "preset": plan.preset.name,
-            "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": seed,
-            "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
-            "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
-            "batching": plan.batching, "fast": plan.fast,
-            "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
-        }
         state = next((r.state for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
         if state is not None and state.storage is not None and params["emag"] is not None:
             params["emag"] = {**params["emag"], "ema_storage_used": state.storage}  # what "auto" chose
-        yield index, out.images[0], params
+        yield index, out.images[0], params, False
 
 
-__all__ = ["PRESETS", "GenerationPlan", "generate", "plan_generation"]
+__all__ = ["PRESETS", "GenerationPlan", "finished_image", "generate", "job_params", "output_path", "plan_generation"]
