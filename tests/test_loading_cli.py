@@ -216,6 +216,7 @@ def test_cli_metadata_records_the_backbone_defaults_that_ran(dit_dir, tmp_path):
     (["--method", "cfg", "--param", "pagscale=3"], "METHOD.FIELD=VALUE"),
     (["--method", "cfg,pag", "--param", "pag.layers=9"], "out of range"),
     (["--method", "cfg", "--layers", "1"], "does not include emag"),
+    (["--method", "cfg,pag", "--param", "pag.scale=abc"], "pag.scale='abc'"),
 ])
 def test_cli_method_errors(dit_dir, extra, message):
     r = CliRunner().invoke(cli, ["generate", "--model", str(dit_dir), "--class-label", "3"] + extra)
@@ -239,6 +240,14 @@ def test_cli_methods_lists_every_method():
     (["--model", "{dit}", "--class-label", "3", "--height", "64"], "only generates"),
     (["--model", "{dit}", "--prompt", "a cat"], "class-conditional"),
     (["--model", "{sd3}", "--prompt", "x", "--ema-window", "0.5"], "START,STOP"),
+    (["--model", "{dit}", "--class-label", "3", "--negative-prompt", "x"], "SD3 only"),
+    (["--model", "{dit}", "--class-label", "3", "--guided-channels", "9"], "exceeds"),
+    (["--model", "{dit}", "--class-label", "3", "--method", "cfg,apg,emag"], "At most one"),
+    (["--model", "{dit}", "--class-label", "3", "--method", "cfg-zero-star,emag"], "flow-matching"),
+    (["--model", "{dit}", "--class-label", "3", "--steps", "4", "--preset", "dit-xl-2"], "selects none"),
+    (["--model", "{sd3}", "--prompt", "x", "--ema-window", "0.5,0.5"], "window"),
+    (["--model", "{sd3}", "--prompt", "x", "--device", "banana"], "device"),
+    (["--model", "{sd3}", "--prompt", "x", "--height", "0"], "range"),
 ])
 def test_cli_bad_input_fails_fast_without_traceback(sd3_dir, dit_dir, monkeypatch, args, message):
     import emag.loading
@@ -250,6 +259,70 @@ def test_cli_bad_input_fails_fast_without_traceback(sd3_dir, dit_dir, monkeypatc
     r = CliRunner().invoke(cli, ["generate"] + args)
     assert r.exit_code != 0 and message in r.output
     assert "Traceback" not in r.output
+
+
+def _broken_copy(src, dst, breaker):
+    shutil.copytree(src, dst)
+    breaker(dst)
+    return dst
+
+
+@pytest.mark.parametrize("breaker, message", [
+    (lambda d: (d / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 10), "safetensors"),
+    (lambda d: (d / "vae" / "diffusion_pytorch_model.safetensors").unlink(), "holds no weights"),
+    (lambda d: shutil.rmtree(d / "scheduler"), "scheduler"),
+    (lambda d: (d / "model_index.json").write_text("[1, 2]"), "JSON object"),
+    (lambda d: (d / "model_index.json").write_text("{oops"), "not valid JSON"),
+])
+def test_cli_incomplete_or_corrupt_snapshots_fail_before_loading(dit_dir, tmp_path, monkeypatch, breaker, message):
+    import emag.loading
+
+    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    model = _broken_copy(dit_dir, tmp_path / "m", breaker)
+    r = CliRunner().invoke(cli, ["generate", "--model", str(model), "--class-label", "3", "--method", "cfg",
+                                 "--out", str(tmp_path / "o")])
+    assert r.exit_code != 0 and message in r.output and "Traceback" not in r.output
+
+
+def test_snapshot_check_covers_text_encoders(sd3_dir, tmp_path):
+    from emag.loading import check_snapshot
+
+    check_snapshot(sd3_dir)
+    broken = _broken_copy(sd3_dir, tmp_path / "m", lambda d: [p.unlink() for p in (d / "text_encoder").glob("*.safetensors")])
+    with pytest.raises(MissingWeightsError, match="text_encoder"):
+        check_snapshot(broken)
+
+
+def test_cli_output_folder_problems_come_before_any_work(dit_dir, tmp_path, monkeypatch):
+    import emag.loading
+
+    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    args = ["generate", "--model", str(dit_dir), "--class-label", "3", "--method", "cfg"]
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    r = CliRunner().invoke(cli, args + ["--out", str(blocker / "sub")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "00000_seed123.png").write_bytes(b"")  # an image of another run
+    r = CliRunner().invoke(cli, args + ["--out", str(other)])
+    assert r.exit_code != 0 and "another run" in r.output
+
+
+def test_a_term_whose_window_selects_no_step_is_an_error(dit_dir, tmp_path):
+    r = CliRunner().invoke(cli, ["generate", "--model", str(dit_dir), "--class-label", "3", "--steps", "2",
+                                 "--sampler", "default", "--method", "cfg,pag", "--param", "pag.layers=1",
+                                 "--param", "pag.window=0.9,1", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "selects no step" in r.output and "Traceback" not in r.output
+
+
+def test_plan_generation_takes_a_single_prompt_string(sd3_dir):
+    from emag.generate import plan_generation
+
+    plan = plan_generation(str(sd3_dir), prompts="a red fox", emag_overrides={"layers": "1"})
+    assert plan.prompts == ["a red fox"]
+    with pytest.raises(ValueError, match="dtype"):
+        plan_generation(str(sd3_dir), prompts="a", dtype="float8", emag_overrides={"layers": "1"})
 
 
 def test_cli_default_is_the_bundled_digits_model_offline(tmp_path):

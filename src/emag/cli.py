@@ -61,7 +61,7 @@ def _window(value: str | None):
 @click.option("--method", default="emag", show_default=True, metavar="NAME[,NAME...]",
               help="Guidance method(s) to combine, e.g. 'emag', 'cfg', 'cfg,pag', 'apg,emag' (see `emag methods`).")
 @click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
-              help="A method's parameter, e.g. pag.scale=3 pag.layers=13 seg.blur_sigma=inf (repeatable).")
+              help="A method's parameter, e.g. pag.scale=3 pag.layers=13 seg.sigma=inf (repeatable).")
 @click.option("--scale", type=click.FloatRange(min=0), default=None, help="EMAG scale w_e.")
 @click.option("--layers", metavar="SPEC", default=None, help="Candidate blocks, e.g. '6,7,8' or '12-15'.")
 @click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay in [0, 1).")
@@ -108,7 +108,7 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
              out_dir, overwrite):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
     from .generate import generate as run
-    from .generate import output_path, plan_generation
+    from .generate import check_output_folder, output_path, plan_generation
     from .io import save_png
     from .loading import MissingWeightsError
 
@@ -143,6 +143,13 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
                err=True)
     from .io import save_grid
 
+    try:
+        if not overwrite:
+            check_output_folder(plan, out)
+        else:
+            Path(out).mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
     rows: dict[object, list] = {}
     resumed = 0
     with click.progressbar(length=len(plan.jobs), label="images", file=sys.stderr) as bar:
@@ -156,7 +163,7 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
                 rows.setdefault(str(params["condition"]), []).append(image)
                 click.echo(str(path))
                 bar.update(1)
-        except ValueError as exc:  # an image in --out made with other parameters
+        except (ValueError, MissingWeightsError) as exc:  # e.g. a model that does not load
             raise click.ClickException(str(exc)) from None
     if resumed:
         click.echo(f"{resumed} image(s) already in {out}/ with the same parameters were kept (resumed).", err=True)

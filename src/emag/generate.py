@@ -10,6 +10,7 @@ per image with its own generator seeded ``seed + index``, so every image is repr
 from __future__ import annotations
 
 import json
+import os
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 
 from .config import EMAG, resolve
-from .loading import locate_model, model_family, read_component_config, read_model_index
+from .loading import check_snapshot, locate_model, model_family, read_component_config, read_model_index
 from .presets import PRESETS, Preset, get_preset
 
 BASE_KINDS = ("cfg", "cfg-zero-star", "apg")
@@ -116,6 +117,15 @@ def plan_generation(
 
     if batching not in BATCHING:
         raise ValueError(f"Unknown batching {batching!r}; expected one of {BATCHING}.")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if isinstance(class_labels, (str, int)):
+        class_labels = [class_labels]
+    if dtype not in DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}.")
+    _check_device(device)
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
+        raise ValueError(f"seed must be an integer in [-2^63, 2^63), got {seed!r}.")
 
     names = [get_method(m).name for m in method.split(",") if m.strip()]
     if not names:
@@ -134,6 +144,7 @@ def plan_generation(
     else:
         folder = locate_model(model, allow_download)
     family = model_family(folder)
+    check_snapshot(folder)  # every listed component present, weights readable (headers only)
     p = get_preset(preset or ("digits" if bundled else DEFAULT_PRESET[family]))
     if p.family != family:
         raise ValueError(f"Preset {p.name!r} is for {p.family.upper()} models but {model} is a {family.upper()} model.")
@@ -168,7 +179,8 @@ def plan_generation(
         if not encoder or encoder[0] is None:
             raise ValueError(f"{model} has no text encoders saved; it cannot encode prompts.")
         native = sample * vsf
-        plan.height, plan.width = height or native, width or native
+        plan.height = native if height is None else height
+        plan.width = native if width is None else width
         mult = vsf * patch
         max_latent = int(tcfg.get("pos_embed_max_size") or sample) * patch
         for name, v in (("height", plan.height), ("width", plan.width)):
@@ -182,6 +194,8 @@ def plan_generation(
     else:
         if prompts:
             raise ValueError("A DiT model is class-conditional: give --class-label, not --prompt.")
+        if negative_prompt is not None:
+            raise ValueError("A DiT model has no text condition: --negative-prompt applies to SD3 only.")
         if not class_labels and bundled:
             class_labels = [str(i) for i in range(10)]  # the bundled digits: one row per class
         if not class_labels:
@@ -196,7 +210,36 @@ def plan_generation(
         plan.sampler = sampler or ("ddpm-250" if p.num_inference_steps == 250 else "default")
         if plan.sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {plan.sampler!r}; expected one of {SAMPLERS}.")
+    _check_terms(plan, tcfg, cls_name, n_blocks)
     return plan
+
+
+def _check_terms(plan: GenerationPlan, tcfg: dict[str, Any], cls_name: str, n_blocks: int) -> None:
+    """Build every term's per-call runtime against the model's shape and the schedule, as the pipeline
+    will: windows that select no step, methods the model family cannot take, too many base terms and
+    guided channels beyond the model's are reported before any weights are loaded."""
+    from .guidance.base import Setup
+    from .pipelines._guided import guided_channels_of, uses_uncond
+    from .plumbing.architectures import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(cls_name)
+    if arch is None:
+        raise ValueError(f"emag does not support the transformer class {cls_name}; supported: {', '.join(ARCHITECTURES)}.")
+    channels = int(tcfg.get("in_channels", 4))
+    guided = guided_channels_of(plan.terms, channels, plan.family)
+    steps = plan.num_inference_steps
+    emags = [t for t in plan.terms if isinstance(t, EMAG)]
+    if plan.family == "dit":  # as the pipelines decide it
+        kept = any(e.combination == "nested" and not e.cond_only_score for e in emags)
+    else:
+        kept = plan.guidance_scale > 1 and any(e.combination == "emag_only" and not e.cond_only_score for e in emags)
+    setup = Setup(family=plan.family, arch=arch, num_blocks=n_blocks, num_steps=steps, batch_size=1,
+                  prediction="flow" if plan.family == "sd3" else "epsilon", guided_channels=guided,
+                  uses_uncond=uses_uncond(plan.terms) or kept, fast=plan.fast)
+    runtimes = [t.runtime(setup) for t in plan.terms]
+    bases = [r.name for r in runtimes if r.kind == "base"]
+    if len(bases) > 1:
+        raise ValueError(f"At most one CFG-like base term per call, got {bases}.")
 
 
 def _build_terms(names, method_params, preset, emag_overrides, cfg_scale, family, n_blocks, cls_name):
@@ -253,6 +296,22 @@ def _versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"Unknown device {device!r} ({exc}).") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this torch build or machine has no CUDA GPU (torch {torch.__version__}).")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"--device {device}: MPS is not available here.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"--device {device}: expected cpu, cuda[:N] or mps.")
+
+
 def job_params(plan: GenerationPlan, index: int) -> dict[str, Any]:
     """Every parameter of job ``index`` (what its PNG records), before it runs."""
     job = plan.jobs[index]
@@ -299,6 +358,29 @@ def finished_image(path: Path, params: dict[str, Any]):
         return im.copy()
 
 
+def check_output_folder(plan: GenerationPlan, out_dir) -> int:
+    """Before any work: ``out_dir`` is writable, every image of the plan already there was made with the
+    plan's parameters, and it holds no emag image of another run (other seeds or settings, whose grid
+    this run would replace). Returns how many of the plan's images are already done; ``ValueError``
+    (``OSError`` for an unwritable folder) otherwise."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    probe = out / f".emag-write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    planned, done = set(), 0
+    for index in range(len(plan.jobs)):
+        params = job_params(plan, index)
+        path = output_path(out, index, params)
+        planned.add(path.name)
+        done += finished_image(path, params) is not None
+    foreign = sorted(p.name for p in out.glob("[0-9]*_seed*.png") if p.name not in planned)
+    if foreign:
+        raise ValueError(f"{out} holds images of another run ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}): "
+                         "use another --out folder, or --overwrite to write this run's images beside them.")
+    return done
+
+
 def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[int, Any, dict[str, Any], bool]]:
     """Yield ``(index, PIL image, params, resumed)`` for every job, loading the pipeline (unless given)
     only if some job has to run. With ``out_dir``, a job whose image is already there with the same
@@ -306,7 +388,7 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
     from .loading import load_pipeline
     from .schedulers import dit_reference_scheduler
 
-    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[plan.dtype]
+    dtype = DTYPES[plan.dtype]
     ready = False
     for index, job in enumerate(plan.jobs):
         params = job_params(plan, index)
@@ -337,4 +419,4 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
         yield index, out.images[0], params, False
 
 
-__all__ = ["PRESETS", "GenerationPlan", "finished_image", "generate", "job_params", "output_path", "plan_generation"]
+__all__ = ["PRESETS", "GenerationPlan", "check_output_folder", "finished_image", "generate", "job_params", "output_path", "plan_generation"]

@@ -124,7 +124,12 @@ def build_term(name: str, params: dict[str, str], base: Any = None) -> Any:
     for key, text in params.items():
         if key not in fields:
             raise ValueError(f"{info.name} has no parameter {key!r}; its parameters: {', '.join(fields)}.")
-        values[key] = _convert(cls, fields[key], text)
+        if not isinstance(text, str):
+            text = str(text)
+        try:
+            values[key] = _convert(cls, fields[key], text)
+        except ValueError as exc:
+            raise ValueError(f"{info.name}.{key}={text!r}: {exc}") from None
     if base is not None:
         return dataclasses.replace(base, **values)
     return cls(**values)

@@ -83,8 +83,20 @@ def guided_channels_of(terms: Sequence[Any], channels: int, family: str = "sd3")
     return n
 
 
-def make_runtimes(terms: Sequence[Any], setup: Setup) -> list[TermRuntime]:
+def make_runtimes(terms: Sequence[Any], setup: Setup, contexts: Sequence[Any] | None = None) -> list[TermRuntime]:
+    """The terms' per-call runtimes; with the call's step ``contexts``, a term whose window selects no step
+    of the schedule is an error (it would silently never act)."""
     runtimes = [t.runtime(setup) for t in terms]
+    for r in runtimes if contexts else []:
+        window = getattr(r, "window", None)
+        if window is None:
+            continue
+        if not any(window.contains(c) or r.zero_output(c) for c in contexts):
+            describe = getattr(window, "describe", None)
+            shown = describe() if callable(describe) else repr(window)
+            raise ValueError(f"The window of {type(r.config).__name__} ({shown}) selects no step of this "
+                             f"{len(contexts)}-step schedule: the term would never act. Widen the window or "
+                             "drop the term.")
     return runtimes
 
 

@@ -153,7 +153,13 @@ class DiTEMAGPipeline(DiTPipeline):
         setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
                       num_steps=num_steps, batch_size=batch_size, prediction="epsilon", guided_channels=channels,
                       device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
-        runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
+        alphas = self.scheduler.alphas_cumprod
+        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
+        contexts = []
+        for i, t in enumerate(timesteps):
+            param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
+            contexts.append(StepContext(i, num_steps, float(t), param.sigma_edm, param))
+        runtimes = make_runtimes(terms, setup, contexts)  # validates every term against the model and schedule
         guided = guided_channels_of(terms, channels, "dit")
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
@@ -170,14 +176,10 @@ class DiTEMAGPipeline(DiTPipeline):
             conditions["uncond"] = ClassCondition(torch.full_like(labels, self.null_class))
         engine = make_engine(runtimes, lambda m: DiTBackbone(m, self.scheduler), conditions,
                              self.transformer, arch, channels, guided, batching, has_uncond, combine_space)
-        alphas = self.scheduler.alphas_cumprod
-        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
-
         self.guidance_engine = engine
         with engine.installed():
             for i, t in enumerate(self.progress_bar(timesteps)):
-                param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
-                ctx = StepContext(i, num_steps, float(t), param.sigma_edm, param)
+                ctx = contexts[i]
                 out = engine.predict(latents, t, ctx)
                 if not self._uses_learned_variance() and out.shape[1] == 2 * channels:
                     out = out[:, :channels]

@@ -152,7 +152,11 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
                       num_steps=num_steps, batch_size=batch_size * num_images_per_prompt, prediction="flow",
                       guided_channels=self.transformer.config.out_channels, device=device,
                       dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
-        runtimes = make_runtimes(terms, setup)  # validates every term against the model and schedule
+        contexts = []
+        for i, t in enumerate(timesteps):
+            param = FlowMatching(float(self.scheduler.sigmas[i]))
+            contexts.append(StepContext(i, num_steps, float(t), param.sigma_edm, param))
+        runtimes = make_runtimes(terms, setup, contexts)  # validates every term against the model and schedule
 
         lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
@@ -188,9 +192,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
             for i, t in enumerate(timesteps):
                 if self.interrupt:
                     continue
-                sigma = float(self.scheduler.sigmas[i])
-                param = FlowMatching(sigma)
-                ctx = StepContext(i, num_steps, float(t), param.sigma_edm, param)
+                ctx = contexts[i]
                 noise_pred = engine.predict(latents, t, ctx)
 
                 latents_dtype = latents.dtype
