@@ -49,6 +49,23 @@ def test_sd3_from_pretrained_local_folder(sd3_dir):
     assert not torch.equal(a, e.images)
 
 
+def test_from_pretrained_checks_the_folder_and_explains_hub_misses(sd3_dir, dit_dir, tmp_path):
+    pipe = emag.StableDiffusion3EMAGPipeline.from_pretrained(sd3_dir)  # saved without T5: taken as None
+    assert pipe.text_encoder_3 is None and pipe.text_encoder is not None
+    with pytest.raises(ValueError, match="DiTEMAGPipeline"):
+        emag.StableDiffusion3EMAGPipeline.from_pretrained(dit_dir)
+    with pytest.raises(ValueError, match="StableDiffusion3EMAGPipeline"):
+        emag.DiTEMAGPipeline.from_pretrained(sd3_dir)
+    broken = tmp_path / "broken"
+    shutil.copytree(dit_dir, broken)
+    for f in (broken / "transformer").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(MissingWeightsError, match="holds no weights"):
+        emag.DiTEMAGPipeline.from_pretrained(broken)
+    with pytest.raises(MissingWeightsError, match="huggingface-cli download"):
+        emag.DiTEMAGPipeline.from_pretrained("nobody/not-a-cached-model", local_files_only=True)
+
+
 def test_dit_from_pretrained_keeps_labels_and_round_trips(dit_dir, tmp_path):
     pipe = emag.DiTEMAGPipeline.from_pretrained(dit_dir)
     assert pipe.labels["digit 3"] == 3 and pipe.get_label_ids(["class7"]) == [7]

@@ -158,16 +158,39 @@ def check_snapshot(folder: Path) -> None:
                 _check_safetensors(shard)
 
 
+def absent_components(cls, folder: Path) -> dict[str, None]:
+    """Components saved as None (e.g. SD3 without T5: ``[null, null]`` in model_index.json), to pass
+    explicitly so that ``from_pretrained`` accepts the folder."""
+    index = read_model_index(folder)
+    return {name: None for name in cls._get_signature_keys(cls)[0] if not index.get(name) or index[name][0] is None}
+
+
+def checked_local_folder(cls, model, family: str) -> Path | None:
+    """For ``from_pretrained``: the local pipeline folder ``model`` after the snapshot checks (its family
+    must be ``family``), or None when ``model`` is not a local path (a hub id)."""
+    path = Path(str(model)).expanduser()
+    if not path.exists():
+        return None
+    folder = locate_model(path)
+    found = model_family(folder)
+    if found != family:
+        raise ValueError(f"{folder} holds a {found.upper()} pipeline; load it with the "
+                         f"{'StableDiffusion3EMAGPipeline' if found == 'sd3' else 'DiTEMAGPipeline'}.")
+    check_snapshot(folder)
+    return folder
+
+
+def hub_load_error(model, exc: Exception) -> MissingWeightsError:
+    return MissingWeightsError(f"Could not load {model} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+                               "If it is a hub id, its weights are not available locally. " + _download_hint(str(model)))
+
+
 def load_pipeline(folder: Path, family: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     from .pipelines import DiTEMAGPipeline, StableDiffusion3EMAGPipeline
 
     cls = StableDiffusion3EMAGPipeline if family == "sd3" else DiTEMAGPipeline
-    index = read_model_index(folder)
     check_snapshot(folder)
-    # Components saved as None (e.g. SD3 without T5) are [null, null] in model_index.json; pass them
-    # explicitly so that from_pretrained accepts the folder.
-    absent = {name: None for name in cls._get_signature_keys(cls)[0]
-              if not index.get(name) or index[name][0] is None}
+    absent = absent_components(cls, folder)
     try:
         pipe = cls.from_pretrained(str(folder), dtype=dtype, **absent)
     except (OSError, ValueError, RuntimeError, NotImplementedError, KeyError) as exc:

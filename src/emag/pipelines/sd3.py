@@ -41,6 +41,23 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
     active term, e.g. APG, asks for it); affine combinations (CFG, PAG, EMAG, ...) give the same result.
     """
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """diffusers' ``from_pretrained`` (hub id or local folder) with clear errors: a local folder is
+        checked first (a SD3 pipeline, every listed component present, weights readable; components
+        saved as None are passed as None), and a hub id whose weights are not available says what to
+        download."""
+        from ..loading import absent_components, checked_local_folder, hub_load_error
+
+        folder = checked_local_folder(cls, pretrained_model_name_or_path, "sd3")
+        if folder is not None:
+            kwargs = {**absent_components(cls, folder), **kwargs}
+            return super().from_pretrained(str(folder), **kwargs)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except OSError as exc:
+            raise hub_load_error(pretrained_model_name_or_path, exc) from exc
+
     emag_trace: list | None = None
 
     @torch.no_grad()
