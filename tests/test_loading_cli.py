@@ -265,6 +265,7 @@ def test_cli_methods_lists_every_method():
     (["--model", "{sd3}", "--prompt", "x", "--ema-window", "0.5,0.5"], "window"),
     (["--model", "{sd3}", "--prompt", "x", "--device", "banana"], "device"),
     (["--model", "{sd3}", "--prompt", "x", "--height", "0"], "range"),
+    (["--model", "{sd3}", "--prompt", "x", "--cfg", "nan"], "--cfg"),
 ])
 def test_cli_bad_input_fails_fast_without_traceback(sd3_dir, dit_dir, monkeypatch, args, message):
     import emag.loading

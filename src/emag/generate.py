@@ -10,6 +10,7 @@ per image with its own generator seeded ``seed + index``, so every image is repr
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from collections.abc import Iterator
@@ -124,6 +125,9 @@ def plan_generation(
     if dtype not in DTYPES:
         raise ValueError(f"Unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}.")
     _check_device(device)
+    if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
+                                       or not math.isfinite(guidance_scale) or guidance_scale < 0):
+        raise ValueError(f"The CFG scale (--cfg, guidance_scale) must be a finite number >= 0, got {guidance_scale!r}.")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
         raise ValueError(f"seed must be an integer in [-2^63, 2^63), got {seed!r}.")
 
