@@ -429,3 +429,19 @@ def test_tpg_seed_changes_the_result(pipe):
 def test_bad_configs(make, match):
     with pytest.raises((ValueError, TypeError), match=match):
         make()
+
+
+def test_default_layers_on_shallow_models():
+    """Depth-relative default bands stay inside a shallow model; a full-size model's fixed default that does
+    not exist says so (instead of an out-of-range error about layers the user never gave)."""
+    from emag.guidance.base import Setup
+    from emag.guidance.perturbation import resolve_layers
+
+    dit = Setup("dit", ARCHITECTURES["DiTTransformer2DModel"], 4, 10, 1, "epsilon", 4)
+    band = {"dit": lambda n: range(n // 2 - 2, n // 2 + 3)}
+    assert resolve_layers(None, dit, band, "ERG") == (0, 1, 2, 3)
+    sd3 = Setup("sd3", ARCHITECTURES["SD3Transformer2DModel"], 6, 10, 1, "flow", 16)
+    with pytest.raises(ValueError, match="default layers"):
+        resolve_layers(None, sd3, {"sd3": (13,)}, "PAG")
+    with pytest.raises(ValueError, match="out of range"):
+        resolve_layers([13], sd3, {"sd3": (13,)}, "PAG")

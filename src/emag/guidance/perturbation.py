@@ -25,7 +25,17 @@ def resolve_layers(layers: Any, setup: Setup, defaults: dict[str, Any], what: st
         d = defaults.get(setup.family)
         if d is None:
             raise ValueError(f"{what} has no default layers for {setup.family}; pass `layers=`.")
-        layers = d(setup.num_blocks) if callable(d) else d
+        if callable(d):  # a band relative to the depth: kept inside the model on shallow ones
+            layers = tuple(i for i in parse_layers(d(setup.num_blocks)) if 0 <= i < setup.num_blocks)
+            if not layers:
+                raise ValueError(f"{what}'s default band has no block in this {setup.num_blocks}-block model; "
+                                 "pass `layers=`.")
+        else:
+            fixed = parse_layers(d)
+            if any(not 0 <= i < setup.num_blocks for i in fixed):
+                raise ValueError(f"{what}'s default layers {list(fixed)} (the full-size {setup.family.upper()} "
+                                 f"model's) do not exist in this {setup.num_blocks}-block model; pass `layers=`.")
+            layers = fixed
     parsed = parse_layers(layers)
     check_layers_in_range(parsed, setup.num_blocks, setup.arch.class_name)
     return parsed
