@@ -20,18 +20,18 @@ Examples:
 \b
   # SD3-Medium with the paper's EMAG settings (weights downloaded beforehand):
   emag generate --model ./models/stable-diffusion-3-medium-diffusers \\
-      --prompt "a red fox in the snow" --preset sd3-medium --out out/
+      --prompt "a red fox in the snow" --preset sd3-medium --out out/sd3
 \b
   # EMAG-Q, stronger guidance, other candidate blocks:
   emag generate --model ./models/sd3-medium --prompt "a lighthouse" \\
-      --variant q --scale 2.0 --layers 6-8 --cfg 5.0 --steps 28 --seed 8
+      --variant q --scale 2.0 --layers 6-8 --cfg 5.0 --steps 28 --seed 8 --out out/sd3-q
 \b
   # DiT-XL/2 with the paper's 250-step DDPM sampler, classes by id or name:
   emag generate --model ./models/DiT-XL-2-256 --class-label 207 --class-label "golden retriever" \\
       --preset dit-xl-2 --out out/dit
 \b
-  # Plain CFG on the same noise, for comparison:
-  emag generate --model ./models/DiT-XL-2-256 --class-label 207 --method cfg --cfg 1.5
+  # Plain CFG on the same noise, for comparison (each run in its own folder; rerunning one resumes it):
+  emag generate --model ./models/DiT-XL-2-256 --class-label 207 --method cfg --cfg 1.5 --out out/dit-cfg
 """
 
 
