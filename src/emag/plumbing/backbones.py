@@ -8,13 +8,14 @@ conditions, and how to call the transformer. Rows of the output follow the order
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .hooks import CallHooks
 from .runner import DiTRunner, RunState, SD3Runner
 
 
@@ -85,7 +86,8 @@ class DiTBackbone:
     @contextmanager
     def context(self, conds: Sequence[ClassCondition], rows: Sequence[int]) -> Iterator[None]:
         """Rewrite the class-embedding vectors of the rows whose condition asks for it (CADS)."""
-        with ExitStack() as stack:
+        hooks = CallHooks()  # act in this thread only; removed whatever raises
+        try:
             if any(c.embedding is not None for c in conds):
                 spans, start = [], 0
                 for c, n in zip(conds, rows):
@@ -103,9 +105,10 @@ class DiTBackbone:
                 if not embedders:
                     raise RuntimeError("No LabelEmbedding found in the DiT transformer: cannot rewrite class embeddings.")
                 for m in embedders:
-                    handle = m.register_forward_hook(rewrite)
-                    stack.callback(handle.remove)
+                    hooks.post(m, rewrite)
             yield
+        finally:
+            hooks.remove()
 
     def embed(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[ClassCondition]) -> RunState:
         x, ts, labels = self._inputs(xs, t, conds)

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..math.ema import attention_probs
 from .architectures import Architecture
+from .hooks import CallHooks
 from .intercept import AttentionCall, bind_sdpa, route_attention
 
 
@@ -188,16 +189,15 @@ class EditScope:
     # -- installation ------------------------------------------------------------------------------
     @contextmanager
     def installed(self) -> Iterator["EditScope"]:
-        handles = []
+        hooks = CallHooks()  # act in this thread only; removed whatever raises
         try:
             for layer, module in self.block_modules.items():
-                handles.append(module.register_forward_pre_hook(self._block_pre(layer), with_kwargs=True))
-                handles.append(module.register_forward_hook(self._block_post(layer), with_kwargs=True))
+                hooks.pre(module, self._block_pre(layer), with_kwargs=True)
+                hooks.post(module, self._block_post(layer), with_kwargs=True)
             with route_attention(self.attention_modules, self._attention):
                 yield self
         finally:
-            for h in handles:
-                h.remove()
+            hooks.remove()
 
     @contextmanager
     def forward(self, plan: ForwardPlan) -> Iterator[None]:

@@ -3,8 +3,8 @@
 diffusers' SD3 and DiT processors call ``F.scaled_dot_product_attention`` directly with ``(B, H, N, D)``
 tensors (after the Q/K projections and any QK-norm). A :class:`torch.overrides.TorchFunctionMode` is
 entered by a forward pre-hook of each chosen attention module and left by an always-called forward
-hook, so only SDPA calls made INSIDE those modules are seen, whatever processor class is installed.
-Hooks are removed when the context exits, also on error.
+hook, so only SDPA calls made INSIDE those modules, in the thread that installed the hooks, are seen,
+whatever processor class is installed. Hooks are removed when the context exits, also on error.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+
+from .hooks import CallHooks
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,12 @@ def _hidden_states_of(args: tuple, kwargs: dict) -> Tensor:
 
 @contextmanager
 def route_attention(modules: dict[int, nn.Module], handler: Handler) -> Iterator[None]:
-    """While active, SDPA calls inside ``modules[l]`` go to ``handler(AttentionCall(l, n_img), ...)``."""
-    handles = []
+    """While active, SDPA calls inside ``modules[l]`` go to ``handler(AttentionCall(l, n_img), ...)``.
+
+    Only forward passes of the thread that entered the context are routed (see :mod:`.hooks`). On exit
+    the hooks are removed first and then any mode a forward left entered is left, each step completing
+    even if the other raises."""
+    hooks = CallHooks()
     stack: list[_SDPARouter] = []
 
     def make_hooks(layer: int):
@@ -72,14 +78,27 @@ def route_attention(modules: dict[int, nn.Module], handler: Handler) -> Iterator
     try:
         for layer, module in modules.items():
             pre, post = make_hooks(layer)
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post, with_kwargs=True, always_call=True))
+            hooks.pre(module, pre, with_kwargs=True)
+            hooks.post(module, post, with_kwargs=True, always_call=True)
         yield
     finally:
-        while stack:  # only if a forward died between the two hooks
+        try:
+            hooks.remove()
+        finally:
+            _leave_all(stack)
+
+
+def _leave_all(stack: list[_SDPARouter]) -> None:
+    """Leave the modes a forward left entered (only if it died between the two hooks), all of them even
+    if leaving one raises."""
+    error = None
+    while stack:
+        try:
             stack.pop().__exit__(None, None, None)
-        for h in handles:
-            h.remove()
+        except BaseException as exc:  # noqa: BLE001 - leave the others first
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def bind_sdpa(args: tuple, kwargs: dict) -> dict:

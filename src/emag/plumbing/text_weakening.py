@@ -13,12 +13,13 @@ Forward hooks are used, and removed afterwards also on error.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..windows import Window, window_steps
+from .hooks import CallHooks
 
 # The SD3 pipelines' text encoders, by the names C-ERG selects them with (``text_encoder``,
 # ``text_encoder_2``, ``text_encoder_3``).
@@ -80,7 +81,8 @@ def scaled_queries(encoders: Sequence[nn.Module | None], tau: float, depth: tupl
     def hook(module, args, output):
         return output * tau
 
-    with ExitStack() as stack:
+    hooks = CallHooks()  # act in this thread only; removed whatever raises
+    try:
         for enc in encoders:
             if enc is None:
                 continue
@@ -90,5 +92,7 @@ def scaled_queries(encoders: Sequence[nn.Module | None], tau: float, depth: tupl
                 raise ValueError(f"C-ERG depth {depth} selects no layer of {type(enc).__name__} "
                                  f"({len(projections)} layers).")
             for i in layers:
-                stack.callback(projections[i].register_forward_hook(hook).remove)
+                hooks.post(projections[i], hook)
         yield
+    finally:
+        hooks.remove()
