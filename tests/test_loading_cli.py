@@ -62,7 +62,7 @@ def test_from_pretrained_checks_the_folder_and_explains_hub_misses(sd3_dir, dit_
         f.unlink()
     with pytest.raises(MissingWeightsError, match="holds no weights"):
         emag.DiTEMAGPipeline.from_pretrained(broken)
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download"):
+    with pytest.raises(MissingWeightsError, match="hf download"):
         emag.DiTEMAGPipeline.from_pretrained("nobody/not-a-cached-model", local_files_only=True)
 
 
@@ -86,7 +86,7 @@ def test_missing_weights_errors(tmp_path, sd3_dir):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingWeightsError, match="model_index.json"):
         locate_model(tmp_path / "empty")
-    with pytest.raises(MissingWeightsError, match="huggingface-cli download stabilityai/"):
+    with pytest.raises(MissingWeightsError, match="hf download stabilityai/"):
         locate_model("stabilityai/stable-diffusion-3-medium-diffusers")
     broken = tmp_path / "broken"
     shutil.copytree(sd3_dir, broken)
@@ -248,7 +248,7 @@ def test_cli_methods_lists_every_method():
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "stabilityai/stable-diffusion-3-medium-diffusers", "--prompt", "x"], "huggingface-cli download"),
+    (["--model", "stabilityai/stable-diffusion-3-medium-diffusers", "--prompt", "x"], "hf download"),
     (["--model", "{sd3}", "--prompt", "x", "--layers", "9"], "out of range"),
     (["--model", "{sd3}", "--prompt", "x", "--height", "17"], "multiple of"),
     (["--model", "{sd3}", "--class-label", "3"], "prompt"),

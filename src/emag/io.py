@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -15,26 +15,59 @@ METADATA_KEY = "emag"
 
 
 def _atomic_write(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in the same folder, then rename it into place: a reader (or
+    an interrupted run) sees the old file or the whole new one, never a part. The temporary file is
+    created like any new file (mode 0o666 less the umask, as ``open`` does; ``mkstemp`` would make every
+    result 0o600) and removed on any error."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(8)}.tmp"
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # a new, unique name; the umask applies
     try:
-        write(tmp)
+        write(str(tmp))
         os.replace(tmp, path)
     finally:
-        if os.path.exists(tmp):
+        if os.path.lexists(tmp):
             os.remove(tmp)
 
 
 def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
-    """Save ``image`` with ``params`` as JSON in the PNG text chunk ``emag`` and in ``<name>.json``."""
+    """Save ``image`` with ``params`` as JSON in the PNG text chunk ``emag`` and in ``<name>.json``.
+
+    The sidecar is written first and the PNG last: a PNG marks a finished image (a resumed run keeps it
+    and repairs its sidecar if an interruption lost it, see ``repair_sidecar``)."""
     path = Path(path)
     text = json.dumps(params, sort_keys=True, default=str)
     info = PngInfo()
     info.add_text(METADATA_KEY, text)
+    write_sidecar(path, params)
     _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
-    _atomic_write(path.with_suffix(".json"), lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n"))
     return path
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    return Path(path).with_suffix(".json")
+
+
+def write_sidecar(path: str | os.PathLike, params: dict[str, Any]) -> Path:
+    """The JSON sidecar ``<name>.json`` of the image ``path``."""
+    side = sidecar_path(path)
+    _atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n"))
+    return side
+
+
+def repair_sidecar(path: str | os.PathLike, params: dict[str, Any] | None = None) -> bool:
+    """Rewrite the sidecar of the finished image ``path`` from the parameters embedded in the PNG
+    (``params``: those, already read) when it is missing, unreadable or different (an interruption
+    between the two writes). True if it was rewritten."""
+    params = read_png_params(path) if params is None else params
+    side = sidecar_path(path)
+    try:
+        if json.loads(side.read_text()) == json.loads(json.dumps(params, default=str)):
+            return False
+    except (OSError, ValueError):  # missing, unreadable, not JSON
+        pass
+    write_sidecar(path, params)
+    return True
 
 
 def read_png_params(path: str | os.PathLike) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +30,118 @@ class ModelLoadError(ValueError):
     """A model folder that is present could not be loaded (components that do not fit together, ...)."""
 
 
-def _download_hint(model: str) -> str:
-    return (
-        f"Download it first, e.g.\n"
-        f"    huggingface-cli download {model} --local-dir ./models/{model.split('/')[-1]}\n"
-        f"(gated models such as SD3-Medium need `huggingface-cli login` and accepting the licence on the hub),\n"
-        f"then pass that folder: --model ./models/{model.split('/')[-1]}. "
-        f"Or allow downloading with --download."
-    )
+def looks_like_hub_id(model) -> bool:
+    """``owner/name`` as the hub spells repo ids (a path object, ``./x``, ``/x``, ``~/x`` or ``a/b/c`` is a path)."""
+    if isinstance(model, os.PathLike):
+        return False
+    text = str(model)
+    if text.count("/") != 1 or text.startswith((".", "/", "~")) or "\\" in text:
+        return False
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except Exception:  # noqa: BLE001 - HFValidationError
+        return False
+    return True
+
+
+def known_hub_id(model) -> str | None:
+    """The hub id of a model emag knows (``presets.HUB_MODELS``) that ``model`` names: the id itself, or a
+    folder named like it (``./models/DiT-XL-2-256`` -> ``facebook/DiT-XL-2-256``)."""
+    from .presets import HUB_MODELS
+
+    text = os.fspath(model) if isinstance(model, os.PathLike) else str(model)
+    if text in HUB_MODELS:
+        return text
+    name = text.rstrip("/\\").replace("\\", "/").rsplit("/", 1)[-1].lower()
+    return next((hub_id for hub_id in HUB_MODELS if hub_id.split("/")[-1].lower() == name), None)
+
+
+def _reason(exc: BaseException) -> str:
+    """Why a download or load failed, in one line: the type and the first line of the message (GatedRepoError,
+    OfflineModeIsEnabled, ...); through a plain ``OSError`` wrapper (diffusers' "not fully cached ... see the
+    stacktrace above") to its cause."""
+    root = exc
+    for _ in range(10):
+        if type(root) is not OSError or root.__cause__ is None:
+            break
+        root = root.__cause__
+    lines = [ln.strip() for ln in str(root).splitlines() if ln.strip()]
+    return f"{type(root).__name__}: {lines[0]}" if lines else type(root).__name__
+
+
+def missing_model_message(model, *, api: str | None = None, failure: BaseException | None = None,
+                          cached: bool = False) -> str:
+    """What to say when ``model`` (a local folder or a hub id) is not available: what is missing, the
+    download command (``hf download ID --local-dir FOLDER``) and how to use the folder then.
+
+    ``api``: the pipeline class name when ``from_pretrained`` asks (the answer names that call; otherwise the
+    command line's ``--model`` / ``--download``). ``failure``: the error of a download that was attempted
+    (``cached``: of loading a snapshot found in the Hugging Face cache)."""
+    text = os.fspath(model) if isinstance(model, os.PathLike) else str(model)
+    hub = looks_like_hub_id(model)
+    repo = known_hub_id(model) or (text if hub else None)
+    where = "" if Path(text).expanduser().is_absolute() else f" (relative to {Path.cwd()})"
+    if hub:
+        folder = f"./models/{text.split('/')[-1]}" if text == repo else text
+        lines = [f"{text} is not a local folder{where}; as a hub id, its snapshot in the Hugging Face cache is "
+                 "incomplete." if cached else
+                 f"{text} is not a local folder{where}, and as a hub id its weights are not in the Hugging Face cache"
+                 + ("." if failure is not None else
+                    " (nothing is downloaded without --download)." if api is None else
+                    " (offline: HF_HUB_OFFLINE=1 or local_files_only=True, so nothing is downloaded).")]
+    else:
+        folder = text
+        lines = [f"Model folder {text} does not exist{where}."]
+    if failure is not None:
+        what = "Loading the cached snapshot of" if cached else "Downloading"
+        lines.append(f"{what} {repo or text} {'failed' if cached else 'from the hub was attempted and failed'}: "
+                     f"{_reason(failure)}")
+    if repo is None:
+        from .presets import HUB_MODELS
+
+        takes = "--model takes" if api is None else f"{api}.from_pretrained takes"
+        example = next(iter(HUB_MODELS))
+        gated = [m for m, g in HUB_MODELS.items() if g]
+        lines += [f"{takes} a diffusers pipeline folder (one holding model_index.json) or a hub id (owner/name). "
+                  "Download a pipeline into a folder with e.g.",
+                  f"    hf download {example} --local-dir ./models/{example.split('/')[-1]}",
+                  f"(models emag knows: {', '.join(HUB_MODELS)}; gated, i.e. accept the licence on the hub and "
+                  f"`hf auth login` first: {', '.join(gated)})."]
+        if api is None:
+            lines.append("Then pass that folder with --model.")
+        else:
+            lines.append(f"Then {api}.from_pretrained('<that folder>').")
+        return "\n".join(lines)
+    from .presets import HUB_MODELS
+
+    lines += ["Download it first:" if failure is None else "Download it again:" if cached else
+              "Download it yourself once that is fixed:",
+              f"    hf download {repo} --local-dir {shlex.quote(folder)}"]
+    if HUB_MODELS.get(repo):
+        lines.append(f"{repo} is gated: accept its licence at https://huggingface.co/{repo} and log in with "
+                     "`hf auth login` before downloading.")
+    elif repo not in HUB_MODELS:
+        lines.append("(A gated model needs its licence accepted on the hub and `hf auth login` first.)")
+    if api is not None:
+        then = f"Then {api}.from_pretrained({folder!r})."
+        if hub and failure is None and not cached:
+            then += f" Online (HF_HUB_OFFLINE unset), {api}.from_pretrained({text!r}) downloads it into the cache itself."
+    else:
+        then = f"Then run again with --model {shlex.quote(folder)}"
+        if failure is None and not cached:
+            then += (", or add --download to let emag download it into the Hugging Face cache" if hub else
+                     ", or add --download to let emag download it into that folder")
+        then += "."
+    lines.append(then)
+    return "\n".join(lines)
 
 
 def locate_model(model: str | os.PathLike, allow_download: bool = False) -> Path:
-    """A local folder holding ``model_index.json`` for ``model`` (a local path or a hub id)."""
+    """A local folder holding ``model_index.json`` for ``model`` (a local path or a hub id). With
+    ``allow_download``, a hub id is fetched into the Hugging Face cache and a missing folder named like a
+    known model (``./models/DiT-XL-2-256``) is downloaded into; a failure says why."""
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -49,19 +150,27 @@ def locate_model(model: str | os.PathLike, allow_download: bool = False) -> Path
                 f"Save one with `pipe.save_pretrained('{path}')` or download a full snapshot from the hub."
             )
         return path
-    looks_like_hub_id = str(model).count("/") == 1 and not str(model).startswith((".", "/", "~"))
-    if not looks_like_hub_id:
-        raise MissingWeightsError(f"Model folder {model} does not exist.")
-    local_hint = f"There is no local folder {model} (relative to {Path.cwd()}); read as a hub id: "
+    error = None
+    if not looks_like_hub_id(model):
+        repo = known_hub_id(model)
+        if not (allow_download and repo):
+            raise MissingWeightsError(missing_model_message(model))
+        from huggingface_hub import snapshot_download
+
+        try:
+            snapshot_download(repo, local_dir=str(path))
+        except Exception as exc:  # noqa: BLE001 - offline, gated, not logged in, connection errors, ...
+            error = MissingWeightsError(missing_model_message(model, failure=exc))
+        if error is not None:
+            raise error
+        return locate_model(path)
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(str(model), local_files_only=not allow_download))
-    except Exception as exc:  # LocalEntryNotFoundError, GatedRepoError, connection errors, ...
-        raise MissingWeightsError(
-            local_hint + f"the weights of {model} are not available locally ({type(exc).__name__}). "
-            + _download_hint(str(model))
-        ) from None
+    except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError, GatedRepoError, connection errors, ...
+        error = MissingWeightsError(missing_model_message(model, failure=exc if allow_download else None))
+    raise error  # outside the handler: no chained traceback
 
 
 def read_model_index(folder: Path) -> dict[str, Any]:
@@ -128,10 +237,49 @@ def _check_safetensors(path: Path) -> None:
     del keys
 
 
+# the transformer classes each pipeline family loads (diffusers' own names)
+TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "DiTTransformer2DModel": "dit"}
+
+
+def transformer_class_name(config: dict[str, Any]) -> str:
+    """The class diffusers loads for a transformer config: its ``_class_name``, with diffusers' remapping of
+    the legacy ``Transformer2DModel`` (the hub's DiT folders: ``norm_type="ada_norm_zero"`` is a DiT)."""
+    name = str(config.get("_class_name", "?"))
+    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
+        return "DiTTransformer2DModel"
+    return name
+
+
+def check_transformer_family(folder: Path, index: dict[str, Any] | None = None) -> None:
+    """The transformer saved in ``folder`` is one the pipeline named in ``model_index.json`` loads (an SD3
+    transformer under a DiT index fails only after loading the weights otherwise). Reads JSON only."""
+    index = read_model_index(folder) if index is None else index
+    family = PIPELINE_FAMILIES.get(index.get("_class_name"))
+    cfg = folder / "transformer" / "config.json"
+    if family is None or not cfg.is_file():
+        return  # model_family / the component checks name these
+    try:
+        with open(cfg) as f:
+            name = transformer_class_name(json.load(f))
+    except (json.JSONDecodeError, AttributeError) as exc:
+        raise ValueError(f"{cfg} is not a valid transformer config ({exc}).") from None
+    found = TRANSFORMER_FAMILIES.get(name)
+    if found != family:
+        shown = {"sd3": "SD3", "dit": "DiT"}
+        expected = next(k for k, v in TRANSFORMER_FAMILIES.items() if v == family)
+        holds = f"the transformer of {shown[found]} pipelines" if found else "a transformer emag does not support"
+        raise ValueError(f"{folder}: model_index.json names a {index['_class_name']} ({shown[family]}), but "
+                         f"transformer/config.json holds a {name}, {holds} (a {shown[family]} pipeline needs a "
+                         f"{expected}). The folder mixes two models: download the model again, or fix "
+                         "model_index.json.")
+
+
 def check_snapshot(folder: Path) -> None:
     """Every component ``model_index.json`` names is present: its folder, its config and (for networks) weights
-    whose safetensors headers parse. Cheap (no tensor is read); run before any loading."""
+    whose safetensors headers parse, and the transformer is of the pipeline's family. Cheap (no tensor is
+    read); run before any loading."""
     index = read_model_index(folder)
+    check_transformer_family(folder, index)
     for name, entry in index.items():
         if name.startswith("_") or not isinstance(entry, list) or not entry or entry[0] is None:
             continue
@@ -180,9 +328,37 @@ def checked_local_folder(cls, model, family: str) -> Path | None:
     return folder
 
 
-def hub_load_error(model, exc: Exception) -> MissingWeightsError:
-    return MissingWeightsError(f"Could not load {model} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                               "If it is a hub id, its weights are not available locally. " + _download_hint(str(model)))
+def from_pretrained_checked(cls, load, model, family: str, kwargs: dict[str, Any]):
+    """The body of the EMAG pipelines' ``from_pretrained`` (``load``: diffusers' ``from_pretrained``).
+
+    A local folder is checked first (``checked_local_folder``; components saved as None are passed as
+    None). A path that does not exist, or (offline: ``HF_HUB_OFFLINE=1`` or ``local_files_only=True``) a
+    hub id that is not in the Hugging Face cache, raises :class:`MissingWeightsError` with the download
+    command before diffusers is called. Online, diffusers downloads as usual; only when that fails is the
+    failure explained. These errors carry no chained traceback: the message names the cause."""
+    folder = checked_local_folder(cls, model, family)
+    if folder is not None:
+        return load(str(folder), **{**absent_components(cls, folder), **kwargs})
+    if not looks_like_hub_id(model):
+        raise MissingWeightsError(missing_model_message(model, api=cls.__name__))
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import is_offline_mode
+
+    offline = bool(kwargs.get("local_files_only")) or is_offline_mode()
+    error = None
+    if offline:
+        try:
+            snapshot_download(str(model), local_files_only=True, revision=kwargs.get("revision"),
+                              cache_dir=kwargs.get("cache_dir"))
+        except Exception:  # noqa: BLE001 - LocalEntryNotFoundError: not in the cache
+            error = MissingWeightsError(missing_model_message(model, api=cls.__name__))
+        if error is not None:
+            raise error  # outside the handler: no chained traceback
+    try:
+        return load(str(model), **kwargs)
+    except OSError as exc:  # HfHubHTTPError, GatedRepoError, LocalEntryNotFoundError, an incomplete cache, ...
+        error = MissingWeightsError(missing_model_message(model, api=cls.__name__, failure=exc, cached=offline))
+    raise error
 
 
 def load_pipeline(folder: Path, family: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):

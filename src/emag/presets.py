@@ -8,6 +8,21 @@ from .config import EMAG
 from .windows import RemainingStepsWindow, SD3ReferenceWindow
 
 
+# The hub models emag knows by name: hub id -> gated (the licence must be accepted on the hub and the user
+# logged in, `hf auth login`, before downloading). The one place that names them: the presets' `model_id` and
+# the download commands printed for a missing model (a folder named like one of these) read it.
+SD3_MEDIUM = "stabilityai/stable-diffusion-3-medium-diffusers"
+DIT_XL_2_256 = "facebook/DiT-XL-2-256"
+DIT_XL_2_512 = "facebook/DiT-XL-2-512"
+HUB_MODELS: dict[str, bool] = {
+    SD3_MEDIUM: True,
+    "stabilityai/stable-diffusion-3.5-medium": True,
+    "stabilityai/stable-diffusion-3.5-large": True,
+    DIT_XL_2_256: False,
+    DIT_XL_2_512: False,
+}
+
+
 @dataclass(frozen=True)
 class Preset:
     name: str
@@ -30,7 +45,7 @@ def _sd3(variant: str, name: str, source: str) -> Preset:
                   combination="nested", ema_dtype="float16", preset_name=name),
         guidance_scale=7.0, num_inference_steps=28, resolution=1024, seed=8,
         sampler="FlowMatchEulerDiscrete (shift 3.0)",
-        model_id="stabilityai/stable-diffusion-3-medium-diffusers",
+        model_id=SD3_MEDIUM,
         source=source,
     )
 
@@ -43,7 +58,7 @@ def _dit(name: str, combination: str, apply_lo: int, source: str, resolution: in
                   combination=combination, ema_dtype="float32", guided_channels=3, preset_name=name),
         guidance_scale=1.5, num_inference_steps=250, resolution=resolution, seed=8,
         sampler="ddpm-250 (ancestral DDPM, learned-range variance, respaced like the original DiT)",
-        model_id="facebook/DiT-XL-2-256" if resolution == 256 else "facebook/DiT-XL-2-512",
+        model_id=DIT_XL_2_256 if resolution == 256 else DIT_XL_2_512,
         source=source,
     )
 
