@@ -131,7 +131,7 @@ def test_dit_factored_equals_dense(dit, fast, e):
 def test_auto_storage_chooses_by_size(sd3, dit, monkeypatch):
     """'auto' keeps dense maps while they fit the budget; above it, it switches to factored storage only
     where that is smaller (large maps, few EMA updates). Sizes are checked against the shapes."""
-    big = dict(latents=sd3_latents(1, size=32), height=256, width=256, num_inference_steps=4, guidance_scale=5.0,
+    big = dict(latents=sd3_latents(1, size=32), height=64, width=64, num_inference_steps=4, guidance_scale=5.0,
                output_type="latent", **sd3_embeds(1))
     run = lambda storage: (sd3(**big, emag=emag.EMAG(scale=2.0, layers=LAYERS, ema_dtype="float32",
                                                      ema_storage=storage)).images, emag_state(sd3))

@@ -29,11 +29,17 @@ _DTYPES = {
 
 
 def parse_dtype(value: Any) -> torch.dtype | None:
-    if value is None or isinstance(value, torch.dtype):
+    """``ema_dtype``: None, a name from ``_DTYPES`` or one of the floating torch dtypes they name."""
+    if value is None:
+        return value
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPES.values():
+            raise ValueError(f"`ema_dtype` must be a floating dtype (torch.float16, torch.bfloat16, torch.float32 or "
+                             f"torch.float64), got {value}: the EMA is a weighted average of attention maps.")
         return value
     if isinstance(value, str) and value.lower() in _DTYPES:
         return _DTYPES[value.lower()]
-    raise ValueError(f"Unknown EMA storage dtype {value!r}; expected one of {sorted(set(_DTYPES))} or a torch.dtype.")
+    raise ValueError(f"Unknown `ema_dtype` {value!r}; expected one of {sorted(set(_DTYPES))} or a floating torch.dtype.")
 
 
 def _check_scale(name: str, value: Any, allow_none: bool = True) -> None:
@@ -130,7 +136,7 @@ class EMAG:
                              "variant='full' and rows='image_rows' (the q variant's state is already small).")
         if self.variant == "q" and self.selection in ("entropy", "entropy_adaptive"):
             raise ValueError("Entropy-based selection needs attention maps: use variant='full'.")
-        if not isinstance(self.entropy_top_k, int) or self.entropy_top_k < 1:
+        if isinstance(self.entropy_top_k, bool) or not isinstance(self.entropy_top_k, int) or self.entropy_top_k < 1:
             raise ValueError(f"`entropy_top_k` must be a positive int, got {self.entropy_top_k!r}.")
         if not isinstance(self.cond_only_score, bool):
             raise TypeError(f"`cond_only_score` must be a bool, got {self.cond_only_score!r}.")
@@ -148,7 +154,8 @@ class EMAG:
             if getattr(self, name) is not None:
                 object.__setattr__(self, name, as_window(getattr(self, name), name))
         object.__setattr__(self, "ema_dtype", parse_dtype(self.ema_dtype))
-        if self.guided_channels is not None and (not isinstance(self.guided_channels, int) or self.guided_channels < 1):
+        if self.guided_channels is not None and (isinstance(self.guided_channels, bool)
+                                                 or not isinstance(self.guided_channels, int) or self.guided_channels < 1):
             raise ValueError(f"`guided_channels` must be a positive int or None, got {self.guided_channels!r}.")
 
     @classmethod
@@ -224,6 +231,16 @@ def resolve(emag: EMAG, family: str, num_blocks: int, model_name: str) -> Resolv
     """Fill an EMAG config's defaults for ``family`` and check it against the model."""
     if family not in BACKBONE_DEFAULTS:
         raise ValueError(f"EMAG has no reference settings for model family {family!r}.")
+    if emag.preset_name is not None:
+        from .presets import PRESETS
+
+        preset = PRESETS.get(emag.preset_name)
+        if preset is not None and preset.family != family:
+            fitting = ", ".join(name for name, p in PRESETS.items() if p.family == family)
+            shown = {"sd3": "SD3", "dit": "DiT"}
+            raise ValueError(f"EMAG.preset({emag.preset_name!r}) is a preset for {shown[preset.family]} models, but "
+                             f"this is a {shown.get(family, family)} model ({model_name}): use one of its presets "
+                             f"({fitting}) or an EMAG(...) without a preset.")
     d = BACKBONE_DEFAULTS[family]
     layers = emag.layers if emag.layers is not None else d["layers"]
     check_layers_in_range(layers, num_blocks, model_name)

@@ -154,7 +154,34 @@ class GuidanceEngine:
             todo += [b for b in extra if b.stage == stage]
             for group in self._passes(todo, normal, conditions):
                 self._run(group, x, t, ctx, active, conditions, outputs, inputs)
-        return self._combine(x, ctx, active, outputs, inputs)
+        guided = self._combine(x, ctx, active, outputs, inputs)
+        if active and not bool(torch.isfinite(guided).all()):  # one reduction per step
+            self._non_finite(x, ctx, active, outputs, guided.dtype)
+        return guided
+
+    @staticmethod
+    def _non_finite(x: Tensor, ctx: StepContext, active: list[TermRuntime], outputs: dict[str, Tensor], dtype) -> None:
+        """A guided prediction with inf / nan from a finite input is an error, not non-finite images: the
+        terms' scales overflowed the combination (e.g. ``EMAG(scale=1e30)``), or the earlier steps' guidance
+        drove the latents so far that the model's own predictions overflow (one step later). A non-finite
+        input (the caller's latents, a callback's) passes through unchanged, as in the base pipeline."""
+        if not bool(torch.isfinite(x).all()):
+            return
+        labels = []
+        for r in active:
+            scale = getattr(getattr(r, "cfg", None), "scale", getattr(r.config, "scale", None))
+            shown = f"scale={scale:g}" if isinstance(scale, (int, float)) and not isinstance(scale, bool) else ""
+            labels.append(f"{type(r.config).__name__}({shown})")
+        terms = ", ".join(labels)
+        where = f"at step {ctx.index} of {ctx.num_steps}"
+        if all(bool(torch.isfinite(o).all()) for o in outputs.values()):
+            raise ValueError(f"The guided prediction {where} is not finite (inf or nan) although every branch "
+                             f"prediction was: the active guidance terms {terms} overflow "
+                             f"{str(dtype).replace('torch.', '')}. Use smaller scales.")
+        raise ValueError(f"The model's predictions {where} are not finite (inf or nan) although its input was "
+                         f"(largest |x_t| = {float(x.abs().max()):.3g}). With latents that large, the guidance of the "
+                         f"earlier steps drove them out of range (active terms: {terms}): use smaller scales. With "
+                         "latents of ordinary size (a few units), the model itself overflows (e.g. in float16).")
 
     def scope_backbone_order(self) -> tuple[str, ...]:
         return tuple(self.backbones["main"].normal_order)

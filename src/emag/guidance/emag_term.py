@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from .._warnings import warn as _warn
 from ..config import EMAG, ResolvedEMAG, resolve
 from ..math.combine import emag_only
 from ..plumbing.edits import ExplicitAttention
@@ -60,6 +61,42 @@ def check_windows(cfg: ResolvedEMAG, num_steps: int) -> tuple[list[int], list[in
     return ema_steps, apply_steps
 
 
+def can_act(ema_steps: list[int], apply_steps: list[int], updates_per_step: int) -> bool:
+    """Whether some replacement step sees an EMA that differs from the live map it replaces.
+
+    The first update sets ``E := R``. At a replacement step inside the EMA window the step's own
+    updates come first (SD3: the perturbed pass feeds, then replaces; DiT: the normal passes feed, then
+    the perturbed one replaces), so the EMA differs from the live map only once it holds a second map: an
+    earlier step's, or (DiT nested, ``updates_per_step = 2``) the same step's unconditional one. At a
+    replacement step after the EMA window any earlier update differs from the live map.
+    """
+    ema = set(ema_steps)
+    for a in apply_steps:
+        fed = updates_per_step * sum(1 for e in ema_steps if e <= a)
+        if fed >= (2 if a in ema else 1):
+            return True
+    return False
+
+
+def warn_if_inert(cfg: ResolvedEMAG, num_steps: int, ema_steps: list[int], apply_steps: list[int],
+                  updates_per_step: int) -> None:
+    """Warn when EMAG (at a non-neutral scale) can never change the attention in this schedule: its
+    perturbed prediction would equal the normal one at every step, up to rounding."""
+    if cfg.is_neutral:
+        return
+    if cfg.blend == 0:
+        reason = "blend=0 replaces the attention by itself"
+    elif not can_act(ema_steps, apply_steps, updates_per_step):
+        reason = (f"at its replacement step(s) {apply_steps} the EMA holds only that step's own attention (EMA "
+                  f"window: {cfg.ema_window.describe()}, steps {ema_steps}; replacement window: "
+                  f"{cfg.apply_window.describe()}); the first update sets the EMA to the live map")
+    else:
+        return
+    _warn(f"EMAG can never act in this {num_steps}-step schedule: {reason}, so its perturbed prediction "
+          "equals the normal one at every step (the result is the other terms' guidance up to rounding). "
+          "Use more steps or windows whose replacement starts after the EMA's first step.")
+
+
 class EMAGRuntime(TermRuntime):
     name = "emag"
 
@@ -98,10 +135,11 @@ class EMAGRuntime(TermRuntime):
             self.rows = {"cond": slice(0, b)}
             n_rows = b
         self.state = EMAGState(cfg, n_rows, "before" if self.protocol == "sd3" else "after")
-        ema_steps, _ = check_windows(cfg, setup.num_steps)
+        ema_steps, apply_steps = check_windows(cfg, setup.num_steps)
         # distinct live maps stored per EMA row and step: the DiT nested mode feeds cond, then uncond
         per_step = 2 if self.protocol == "dit" and cfg.combination == "nested" and self.with_uncond else 1
         self.state.stored_updates = len(ema_steps) * per_step
+        warn_if_inert(cfg, setup.num_steps, ema_steps, apply_steps, per_step)
         self.trace: list[StepRecord] = []
         self._chosen: dict | None = None
         self._step = -1

@@ -23,7 +23,9 @@ def with_defaults(terms: Sequence[Any], family: str, guidance_scale: float | Non
 def build_terms(guidance: Sequence[Any] | None, emag: EMAG | None, guidance_scale: float,
                 family: str) -> list[Any]:
     """The guidance terms of a call: ``guidance=[...]`` as given, or the legacy ``guidance_scale`` / ``emag``,
-    with their defaults resolved (:func:`with_defaults`)."""
+    with their defaults resolved (:func:`with_defaults`). ``guidance_scale`` was checked by the pipeline
+    (a finite number >= 0, numpy scalars included)."""
+    guidance_scale = float(guidance_scale)
     if guidance is not None:
         if emag is not None:
             raise ValueError("Pass EMAG either as `emag=` or inside `guidance=[...]`, not both.")
@@ -83,10 +85,15 @@ def guided_channels_of(terms: Sequence[Any], channels: int, family: str = "sd3")
     return n
 
 
-def make_runtimes(terms: Sequence[Any], setup: Setup, contexts: Sequence[Any] | None = None) -> list[TermRuntime]:
+def make_runtimes(terms: Sequence[Any], setup: Setup, contexts: Sequence[Any] | None = None,
+                  transformer: Any = None) -> list[TermRuntime]:
     """The terms' per-call runtimes; with the call's step ``contexts``, a term whose window selects no step
-    of the schedule is an error (it would silently never act)."""
+    of the schedule is an error (it would silently never act); with the pipeline's ``transformer``, a
+    separate model (autoguidance's weak one) must take the same inputs."""
     runtimes = [t.runtime(setup) for t in terms]
+    check_distinct(runtimes)
+    if transformer is not None:
+        check_extra_models(runtimes, transformer)
     for r in runtimes if contexts else []:
         window = getattr(r, "window", None)
         if window is None:
@@ -98,6 +105,50 @@ def make_runtimes(terms: Sequence[Any], setup: Setup, contexts: Sequence[Any] | 
                              f"{len(contexts)}-step schedule: the term would never act. Widen the window or "
                              "drop the term.")
     return runtimes
+
+
+def check_distinct(runtimes: Sequence[TermRuntime]) -> None:
+    """Before any model pass: at most one CFG-like base term, and no term type given twice where the two
+    would evaluate the same extra branch (two EMAGs, two PAGs on the same layers, ...)."""
+    bases = [r.name for r in runtimes if r.kind == "base"]
+    if len(bases) > 1:
+        raise ValueError(f"At most one CFG-like base term per call, got {bases}: give one of CFG, APG, CFG-Zero*.")
+    seen: dict[str, TermRuntime] = {}
+    for r in runtimes:
+        key = getattr(r, "branch_name", None) or ("emag" if getattr(r, "name", None) == "emag" else None)
+        if key is None:
+            continue
+        if key in seen:
+            cls = type(r.config).__name__
+            layered = getattr(r, "layers", None) is not None and ":" in key
+            raise ValueError(f"emag.{cls} is given twice in `guidance` ({seen[key].config!r} and {r.config!r}): both "
+                             f"would evaluate the same extra branch {key!r}. Give each guidance term once"
+                             + (f" (two {cls} terms need different `layers`)." if layered else "."))
+        seen[key] = r
+
+
+# config entries a separate model must share with the pipeline's transformer to take its inputs
+LAYOUT_KEYS = ("in_channels", "out_channels", "patch_size", "joint_attention_dim", "pooled_projection_dim",
+               "num_embeds_ada_norm")
+
+
+def check_extra_models(runtimes: Sequence[TermRuntime], transformer: Any) -> None:
+    """Before any model pass: a term's separate model has the pipeline transformer's latent layout,
+    condition sizes, device and dtype (otherwise its first pass fails with a shape error)."""
+    main = transformer.config
+    for r in runtimes:
+        for model in r.extra_models().values():
+            cfg = getattr(model, "config", None) or {}
+            bad = [f"{k}={cfg.get(k)} (the pipeline's: {main.get(k)})" for k in LAYOUT_KEYS
+                   if cfg.get(k) is not None and main.get(k) is not None and cfg.get(k) != main.get(k)]
+            param = next(iter(model.parameters()), None)
+            if param is not None and (param.device != transformer.device or param.dtype != transformer.dtype):
+                bad.append(f"on {param.device} in {param.dtype} (the pipeline's: {transformer.device}, "
+                           f"{transformer.dtype})")
+            if bad:
+                raise ValueError(f"{type(r.config).__name__}: the separate `model` does not take the pipeline's inputs: "
+                                 f"{'; '.join(bad)}. It needs the same latent channels, patch size and condition "
+                                 "sizes, on the pipeline's device and dtype.")
 
 
 def make_engine(runtimes: list[TermRuntime], backbone_of, conditions: dict, transformer, arch: Architecture,
