@@ -9,6 +9,7 @@ The pipelines (which import diffusers' pipeline modules) are loaded on first use
 
 from .config import EMAG, ResolvedEMAG
 from .layers import parse_layers
+from .loading import MissingWeightsError, ModelLoadError
 from .presets import PRESETS, Preset, get_preset
 from .guidance import APG, CADS, CFG, ERG, PAG, S2, SAG, SEG, SLG, STG, TPG, Autoguidance, CFGZeroStar
 from .windows import GuiderWindow, RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, StrictWindow, Window
@@ -19,6 +20,7 @@ _LAZY = {
     "StableDiffusion3EMAGPipeline": ".pipelines",
     "DiTEMAGPipeline": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
+    "PipelineBusyError": ".pipelines._exclusive",
 }
 
 
@@ -43,8 +45,11 @@ __all__ = [
     "ERG",
     "PAG",
     "PRESETS",
+    "PipelineBusyError",
     "Preset",
     "GuiderWindow",
+    "MissingWeightsError",
+    "ModelLoadError",
     "RemainingStepsWindow",
     "ResolvedEMAG",
     "S2",

@@ -15,23 +15,27 @@ from .presets import PRESETS
 EXAMPLES = """
 \b
 Examples:
-  # Offline, in seconds: EMAG-guided digits from the bundled model, one row per class (out/grid.png):
-  emag generate --out out/
+  # Offline, in seconds: EMAG-guided digits from the bundled model, one row per class (outputs/grid.png):
+  emag generate --out outputs/
 \b
-  # SD3-Medium with the paper's EMAG settings (weights downloaded beforehand):
+  # Weights first (SD3-Medium is gated: accept its licence on the hub, then `hf auth login`):
+  hf download stabilityai/stable-diffusion-3-medium-diffusers --local-dir ./models/stable-diffusion-3-medium-diffusers
+  hf download facebook/DiT-XL-2-256 --local-dir ./models/DiT-XL-2-256
+\b
+  # SD3-Medium with the paper's EMAG settings:
   emag generate --model ./models/stable-diffusion-3-medium-diffusers \\
-      --prompt "a red fox in the snow" --preset sd3-medium --out out/sd3
+      --prompt "a red fox standing in fresh snow, golden hour" --preset sd3-medium --out outputs/sd3/
 \b
   # EMAG-Q, stronger guidance, other candidate blocks:
-  emag generate --model ./models/sd3-medium --prompt "a lighthouse" \\
-      --variant q --scale 2.0 --layers 6-8 --cfg 5.0 --steps 28 --seed 8 --out out/sd3-q
+  emag generate --model ./models/stable-diffusion-3-medium-diffusers --prompt "a lighthouse" \\
+      --variant q --scale 2.0 --layers 6-8 --cfg 5.0 --steps 28 --seed 8 --out outputs/sd3-q/
 \b
   # DiT-XL/2 with the paper's 250-step DDPM sampler, classes by id or name:
   emag generate --model ./models/DiT-XL-2-256 --class-label 207 --class-label "golden retriever" \\
-      --preset dit-xl-2 --out out/dit
+      --preset dit-xl-2 --out outputs/dit/
 \b
   # Plain CFG on the same noise, for comparison (each run in its own folder; rerunning one resumes it):
-  emag generate --model ./models/DiT-XL-2-256 --class-label 207 --method cfg --cfg 1.5 --out out/dit-cfg
+  emag generate --model ./models/DiT-XL-2-256 --class-label 207 --method cfg --cfg 1.5 --out outputs/dit-cfg/
 """
 
 
@@ -56,7 +60,9 @@ def _window(value: str | None):
               help="Local diffusers folder or hub id (default: the bundled digits DiT, offline).")
 @click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Prompt (SD3); repeat for several.")
 @click.option("--negative-prompt", metavar="TEXT", default=None, help="Negative prompt (SD3).")
-@click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME", help="Class (DiT); repeat for several.")
+@click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME|null",
+              help="Class (DiT): an id 0..N-1, a name from the model's id2label, or 'null' (the null class: "
+                   "unconditional samples); repeat for several.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings preset (default: the paper's for the model family).")
 @click.option("--method", default="emag", show_default=True, metavar="NAME[,NAME...]",
               help="Guidance method(s) to combine, e.g. 'emag', 'cfg', 'cfg,pag', 'apg,emag' (see `emag methods`).")
@@ -96,7 +102,11 @@ def _window(value: str | None):
 @click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler.")
 @click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-@click.option("--download/--no-download", default=False, show_default=True, help="Allow downloading from the hub.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads (default: 1 for small models such as the bundled one, else torch's).")
+@click.option("--download/--no-download", default=False, show_default=True,
+              help="Allow downloading from the hub: a hub id into the Hugging Face cache, a missing folder named "
+                   "like a known model (e.g. ./models/DiT-XL-2-256) into that folder.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
 @click.option("--overwrite", is_flag=True, default=False,
               help="Regenerate images already in --out (default: keep those made with the same parameters, i.e. "
@@ -104,7 +114,7 @@ def _window(value: str | None):
 def generate(model, prompts, negative_prompt, class_labels, preset, method, params, scale, layers, beta, blend, variant, rows,
              selection, per_sample, combination, ema_dtype, ema_storage, batching, explicit_attention, straightforward,
              guided_channels, ema_window,
-             apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, download,
+             apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, threads, download,
              out_dir, overwrite):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
     from .generate import generate as run
@@ -133,7 +143,7 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
             num_inference_steps=steps, height=height, width=width, seed=seed,
             num_images=num_images or (6 if model is None else 1),
             sampler=sampler, dtype=dtype, device=device, allow_download=download, batching=batching,
-            fast=not straightforward,
+            fast=not straightforward, threads=threads,
         )
     except (MissingWeightsError, ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -141,6 +151,8 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
     click.echo(f"{plan.family.upper()} model {plan.model}: {len(plan.jobs)} image(s), method {plan.method}, "
                f"preset {plan.preset.name}, {plan.num_inference_steps} steps, CFG {plan.guidance_scale} -> {out}/",
                err=True)
+    if plan.threads_reason:
+        click.echo(plan.threads_reason, err=True)
     from .io import save_grid
 
     try:
@@ -148,7 +160,9 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
             check_output_folder(plan, out)
         else:
             Path(out).mkdir(parents=True, exist_ok=True)
-    except (ValueError, OSError) as exc:
+    except OSError as exc:
+        raise click.ClickException(_out_error(out, exc)) from None
+    except ValueError as exc:
         raise click.ClickException(str(exc)) from None
     rows: dict[object, list] = {}
     resumed = 0
@@ -165,10 +179,34 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
                 bar.update(1)
         except (ValueError, MissingWeightsError) as exc:  # e.g. a model that does not load
             raise click.ClickException(str(exc)) from None
+        except OSError as exc:  # writing an image: the disk filled up, the folder's permissions changed, ...
+            if not _inside(exc.filename, out):
+                raise
+            raise click.ClickException(_out_error(out, exc)) from None
     if resumed:
         click.echo(f"{resumed} image(s) already in {out}/ with the same parameters were kept (resumed).", err=True)
     if len(plan.jobs) > 1:
         click.echo(str(save_grid(list(rows.values()), out / "grid.png")))
+
+
+def _inside(filename, folder: Path) -> bool:
+    try:
+        return filename is not None and Path(filename).resolve().is_relative_to(folder.resolve())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def _out_error(out: Path, exc: OSError) -> str:
+    """An OS error on the output folder, as a message naming --out and what it takes."""
+    where = exc.filename or out
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        why = f"{where} is a file, not a folder"
+    elif isinstance(exc, PermissionError):
+        why = f"no permission to write in {where}"
+    else:
+        why = f"{exc.strerror or exc} ({where})"
+    return (f"--out {out}: cannot write the images there: {why}. --out takes a folder that exists or can be "
+            "created, and that is writable.")
 
 
 @cli.command("methods")

@@ -21,8 +21,10 @@ from typing import Any
 import torch
 
 from .config import EMAG, resolve
-from .loading import check_snapshot, locate_model, model_family, read_component_config, read_model_index
+from .loading import (check_snapshot, locate_model, model_family, read_component_config, read_model_index,
+                      transformer_class_name)
 from .presets import PRESETS, Preset, get_preset
+from .threads import choose_threads, torch_threads, transformer_parameters
 
 BASE_KINDS = ("cfg", "cfg-zero-star", "apg")
 SAMPLERS = ("default", "ddpm-250")
@@ -54,6 +56,8 @@ class GenerationPlan:
     batching: str = "normal"
     fast: bool = True
     resolved_emag: dict[str, Any] | None = None
+    threads: int | None = None  # torch CPU threads for the run (None: torch's setting); see emag.threads
+    threads_reason: str = ""
 
     @property
     def jobs(self) -> list[dict[str, Any]]:
@@ -68,23 +72,38 @@ def _vae_scale_factor(folder: Path) -> int:
     return 2 ** (len(read_component_config(folder, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
 
 
+NULL_LABEL = "null"  # --class-label null: the model's null class, i.e. unconditional samples
+
+
 def _resolve_labels(folder: Path, labels: list[str], num_classes: int) -> list[int]:
+    """Class ids from ids, names in the model's id2label, or ``"null"`` (the null class ``num_classes``, for
+    unconditional samples; its id itself is refused, so that a typo never samples unconditionally)."""
     id2label = read_model_index(folder).get("id2label") or {}
     by_name = {}
     for k, v in id2label.items():
         for name in str(v).split(","):
             by_name[name.strip().lower()] = int(k)
+    ids = f"ids 0..{num_classes - 1}"
     out = []
     for lab in labels:
         s = str(lab).strip()
+        if s.lower() == NULL_LABEL:
+            out.append(num_classes)
+            continue
         if s.lstrip("-").isdigit():
             idx = int(s)
         elif s.lower() in by_name:
             idx = by_name[s.lower()]
         else:
-            raise ValueError(f"Unknown class label {lab!r}: give a class id 0..{num_classes - 1} or a name from id2label.")
-        if not 0 <= idx <= num_classes:
-            raise ValueError(f"Class id {idx} out of range 0..{num_classes - 1} ({num_classes} = unconditional).")
+            raise ValueError(f"Unknown class label {lab!r}: give a class id ({ids}), a class name from the model's "
+                             f"id2label, or '{NULL_LABEL}' for unconditional samples.")
+        if idx == num_classes:
+            raise ValueError(f"Class id {idx} is this model's null (unconditional) class, not one of its {num_classes} "
+                             f"classes ({ids}). To sample unconditionally, ask for it explicitly: --class-label "
+                             f"{NULL_LABEL} (class_labels=['{NULL_LABEL}']).")
+        if not 0 <= idx < num_classes:
+            raise ValueError(f"Class id {idx} is out of range: this model has {num_classes} classes, {ids} "
+                             f"(unconditional samples: --class-label {NULL_LABEL}).")
         out.append(idx)
     return out
 
@@ -111,6 +130,7 @@ def plan_generation(
     allow_download: bool = False,
     batching: str = "normal",
     fast: bool = True,
+    threads: int | None = None,
 ) -> GenerationPlan:
     """Check a generation request against the model's configs; no weights are loaded."""
     from .engine import BATCHING
@@ -153,15 +173,16 @@ def plan_generation(
     if p.family != family:
         raise ValueError(f"Preset {p.name!r} is for {p.family.upper()} models but {model} is a {family.upper()} model.")
     tcfg = read_component_config(folder, "transformer")
-    cls_name = tcfg.get("_class_name", "transformer")
+    cls_name = transformer_class_name(tcfg)
     n_blocks = int(tcfg.get("num_layers", 0))
     w = p.guidance_scale if guidance_scale is None else guidance_scale
     terms, emag, resolved = _build_terms(names, method_params, p, emag_overrides or {}, w, family, n_blocks, cls_name)
     from .pipelines._guided import with_defaults
 
     terms = with_defaults(terms, family, w)  # recorded as they run (CFG's scale, APG's backbone defaults)
-    if num_images < 1:
-        raise ValueError("num_images must be >= 1.")
+    from .pipelines._inputs import check_count
+
+    check_count("num_images", num_images, "images per prompt or class, --num-images")
     vsf = _vae_scale_factor(folder)
     patch = int(tcfg.get("patch_size", 2))
     sample = int(tcfg.get("sample_size", 64))
@@ -172,11 +193,13 @@ def plan_generation(
         seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
         batching=batching, fast=fast, resolved_emag=resolved,
     )
-    if plan.num_inference_steps < 1:
-        raise ValueError("The number of steps must be >= 1.")
+    check_count("num_inference_steps", plan.num_inference_steps, "the number of sampling steps, --steps")
     if family == "sd3":
         if not prompts:
             raise ValueError("An SD3 model needs at least one --prompt.")
+        for text, what in [(t, "prompt") for t in prompts] + [(negative_prompt, "negative prompt")]:
+            if not isinstance(text, str) and not (what == "negative prompt" and text is None):
+                raise ValueError(f"Each {what} (--{what.replace(' ', '-')}) must be one text string, got {text!r}.")
         if class_labels:
             raise ValueError("Class labels are for class-conditional (DiT) models; SD3 takes --prompt.")
         encoder = read_model_index(folder).get("text_encoder")
@@ -188,8 +211,8 @@ def plan_generation(
         mult = vsf * patch
         max_latent = int(tcfg.get("pos_embed_max_size") or sample) * patch
         for name, v in (("height", plan.height), ("width", plan.width)):
-            if v <= 0 or v % mult:
-                raise ValueError(f"{name}={v}: must be a positive multiple of {mult} for this model.")
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % mult:
+                raise ValueError(f"{name}={v!r}: must be a positive multiple of {mult} (pixels) for this model.")
             if v // vsf > max_latent:
                 raise ValueError(f"{name}={v}: larger than this model's positional embedding allows ({max_latent * vsf}).")
         plan.prompts, plan.negative_prompt = list(prompts), negative_prompt
@@ -215,6 +238,8 @@ def plan_generation(
         if plan.sampler not in SAMPLERS:
             raise ValueError(f"Unknown sampler {plan.sampler!r}; expected one of {SAMPLERS}.")
     _check_terms(plan, tcfg, cls_name, n_blocks)
+    tokens = (plan.height // (vsf * patch)) * (plan.width // (vsf * patch))
+    plan.threads, plan.threads_reason = choose_threads(device, threads, transformer_parameters(folder), tokens)
     return plan
 
 
@@ -223,7 +248,7 @@ def _check_terms(plan: GenerationPlan, tcfg: dict[str, Any], cls_name: str, n_bl
     will: windows that select no step, methods the model family cannot take, too many base terms and
     guided channels beyond the model's are reported before any weights are loaded."""
     from .guidance.base import Setup
-    from .pipelines._guided import guided_channels_of, uses_uncond
+    from .pipelines._guided import check_distinct, guided_channels_of, uses_uncond
     from .plumbing.architectures import ARCHITECTURES
 
     arch = ARCHITECTURES.get(cls_name)
@@ -240,10 +265,7 @@ def _check_terms(plan: GenerationPlan, tcfg: dict[str, Any], cls_name: str, n_bl
     setup = Setup(family=plan.family, arch=arch, num_blocks=n_blocks, num_steps=steps, batch_size=1,
                   prediction="flow" if plan.family == "sd3" else "epsilon", guided_channels=guided,
                   uses_uncond=uses_uncond(plan.terms) or kept, fast=plan.fast)
-    runtimes = [t.runtime(setup) for t in plan.terms]
-    bases = [r.name for r in runtimes if r.kind == "base"]
-    if len(bases) > 1:
-        raise ValueError(f"At most one CFG-like base term per call, got {bases}.")
+    check_distinct([t.runtime(setup) for t in plan.terms])
 
 
 def _build_terms(names, method_params, preset, emag_overrides, cfg_scale, family, n_blocks, cls_name):
@@ -344,8 +366,9 @@ def _comparable(params: dict[str, Any]) -> dict[str, Any]:
 def finished_image(path: Path, params: dict[str, Any]):
     """The image already at ``path`` if it was made with ``params`` (a resumed run keeps it), None if
     there is none; ``ValueError`` if it was made with other parameters (finished work is never
-    overwritten silently)."""
-    from .io import read_png_params
+    overwritten silently). The PNG is written last (it marks a finished image): a sidecar that an
+    interruption left missing, unreadable or different is rewritten from the PNG's parameters."""
+    from .io import read_png_params, repair_sidecar
 
     if not path.exists():
         return None
@@ -356,6 +379,7 @@ def finished_image(path: Path, params: dict[str, Any]):
     if _comparable(stored) != _comparable(params):
         raise ValueError(f"{path} exists and was made with other parameters; use another --out folder or "
                          "--overwrite.")
+    repair_sidecar(path, stored)
     from PIL import Image
 
     with Image.open(path) as im:
@@ -401,22 +425,23 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
             if done is not None:
                 yield index, done, params, True
                 continue
-        if not ready:
-            if pipe is None:
-                pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
-            if len(plan.jobs) > 1:
-                pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
-            if plan.family == "dit" and plan.sampler == "ddpm-250":
-                pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
-            ready = True
-        generator = torch.Generator(device="cpu").manual_seed(params["seed"])
-        common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                      generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
-        if plan.family == "sd3":
-            out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
-                       width=plan.width, **common)
-        else:
-            out = pipe(class_labels=[job["condition"]], **common)  # noise layout: the pipeline's (reference) default
+        with torch_threads(plan.threads):  # the run's CPU threads, not the caller's between images
+            if not ready:
+                if pipe is None:
+                    pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
+                if len(plan.jobs) > 1:
+                    pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
+                if plan.family == "dit" and plan.sampler == "ddpm-250":
+                    pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
+                ready = True
+            generator = torch.Generator(device="cpu").manual_seed(params["seed"])
+            common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
+                          generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
+            if plan.family == "sd3":
+                out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
+                           width=plan.width, **common)
+            else:
+                out = pipe(class_labels=[job["condition"]], **common)  # noise layout: the pipeline's default
         state = next((r.state for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
         if state is not None and state.storage is not None and params["emag"] is not None:
             params["emag"] = {**params["emag"], "ema_storage_used": state.storage}  # what "auto" chose

@@ -15,7 +15,6 @@ reference mode); ``"samples"`` steps the B samples only (the EMAG reference's co
 from __future__ import annotations
 
 import inspect
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -26,13 +25,17 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from .._warnings import warn as _warn
 from ..config import EMAG
 from ..guidance.base import Setup
 from ..parametrization import EpsilonVP
 from ..plumbing.architectures import architecture_of
 from ..plumbing.backbones import ClassCondition, DiTBackbone
 from ..windows import StepContext
+from ._exclusive import PerThread, one_call_at_a_time
 from ._guided import build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, uses_uncond
+from ._inputs import (check_count, check_generator, check_guidance_scale, check_latents, check_options,
+                      check_output_type, class_ids)
 
 NOISE_LAYOUTS = ("doubled", "samples")
 
@@ -44,6 +47,9 @@ class DiTEMAGPipeline(DiTPipeline):
     ``callback_on_step_end``, ``emag`` and ``noise_layout``. With ``emag=None`` it reproduces
     ``DiTPipeline`` exactly (plain CFG on all noise channels, doubled row layout). ``output_type``
     also accepts ``"latent"``. After a call, ``self.emag_trace`` lists what EMAG did at each step.
+    ``class_labels`` takes class ids ``0..N-1``, class names from the model's ``id2label`` (as
+    ``get_label_ids``), or ``N`` (``pipe.null_class``), the null class the model was trained with, for
+    unconditional samples.
 
     With EMAG (``emag=`` or an :class:`~emag.EMAG` in ``guidance``) the defaults are the reference's
     (emag.md 5.2): ``guidance_scale=1.5``, ``num_inference_steps=250``, the combination on the first 3
@@ -57,23 +63,19 @@ class DiTEMAGPipeline(DiTPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained`` (hub id or local folder) with clear errors: a local folder is
-        checked first (a DIT pipeline, every listed component present, weights readable; components
-        saved as None are passed as None), and a hub id whose weights are not available says what to
-        download."""
-        from ..loading import absent_components, checked_local_folder, hub_load_error
+        checked first (a DiT pipeline, every listed component present, weights readable; components
+        saved as None are passed as None); a missing folder, or a hub id whose weights are not available,
+        raises :class:`emag.MissingWeightsError` with the download command (see ``emag.loading``)."""
+        from ..loading import from_pretrained_checked
 
-        folder = checked_local_folder(cls, pretrained_model_name_or_path, "dit")
-        if folder is not None:
-            kwargs = {**absent_components(cls, folder), **kwargs}
-            return super().from_pretrained(str(folder), **kwargs)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError as exc:
-            raise hub_load_error(pretrained_model_name_or_path, exc) from exc
+        return from_pretrained_checked(cls, super().from_pretrained, pretrained_model_name_or_path, "dit", kwargs)
 
     _callback_tensor_inputs = ["latents"]
     _optional_components = ["vae"]  # None for pixel-space models: outputs are the samples themselves
-    emag_trace: list | None = None
+    # what the calling thread's last call did (per thread: concurrent calls never see each other's)
+    emag_trace = PerThread()
+    guidance_runtimes = PerThread()
+    guidance_engine = PerThread()
 
     def __init__(
         self,
@@ -106,6 +108,7 @@ class DiTEMAGPipeline(DiTPipeline):
     def _uses_learned_variance(self) -> bool:
         return getattr(self.scheduler.config, "variance_type", None) in ("learned", "learned_range")
 
+    @one_call_at_a_time  # one call per transformer at a time; hooks act in the calling thread only
     @torch.no_grad()
     def __call__(
         self,
@@ -132,12 +135,14 @@ class DiTEMAGPipeline(DiTPipeline):
             guidance_scale = 1.5 if with_emag else 4.0
         if num_inference_steps is None:  # the reference's 250-step sampler; diffusers' 50 otherwise
             num_inference_steps = 250 if with_emag else 50
+        ids = self._check_call(class_labels, guidance_scale, num_inference_steps, generator, latents, output_type,
+                               batching, fast, combine_space)
         terms = build_terms(guidance, emag, guidance_scale, arch.family)
         imagenet_dit = self.null_class == 1000 and self.transformer.config.in_channels == 4  # DiT-XL/2's shape
         if with_emag and imagenet_dit and not self._is_reference_sampler():
-            warnings.warn(f"EMAG's published DiT numbers were sampled with 250-step ancestral DDPM (learned-range "
-                          f"variance); this pipeline's scheduler is {type(self.scheduler).__name__}. Set "
-                          "`pipe.scheduler = emag.dit_reference_scheduler()` to sample as the reference.", stacklevel=3)
+            _warn(f"EMAG's published DiT numbers were sampled with 250-step ancestral DDPM (learned-range "
+                  f"variance); this pipeline's scheduler is {type(self.scheduler).__name__}. Set "
+                  "`pipe.scheduler = emag.dit_reference_scheduler()` to sample as the reference.")
         do_cfg = guidance_scale > 1
         if noise_layout is None:
             # diffusers' DiT CFG and the reference's additive EMAG draw noise for the doubled batch
@@ -153,13 +158,11 @@ class DiTEMAGPipeline(DiTPipeline):
                 raise ValueError(f"callback tensor input {k!r} is not available; choose from {self._callback_tensor_inputs}.")
 
         device = self._execution_device
-        labels = self._label_tensor(class_labels, device)
+        labels = torch.tensor(ids, dtype=torch.long, device=device)
         batch_size = labels.shape[0]
         channels = self.transformer.config.in_channels
         size = self.transformer.config.sample_size
         shape = (batch_size, channels, size, size)
-        if latents is not None and tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
         num_steps = len(timesteps)
@@ -176,7 +179,7 @@ class DiTEMAGPipeline(DiTPipeline):
         for i, t in enumerate(timesteps):
             param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
             contexts.append(StepContext(i, num_steps, float(t), param.sigma_edm, param))
-        runtimes = make_runtimes(terms, setup, contexts)  # validates every term against the model and schedule
+        runtimes = make_runtimes(terms, setup, contexts, self.transformer)  # every term vs model, schedule
         guided = guided_channels_of(terms, channels, "dit")
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
@@ -229,18 +232,20 @@ class DiTEMAGPipeline(DiTPipeline):
             return (samples,)
         return ImagePipelineOutput(images=samples)
 
-    def _label_tensor(self, class_labels, device) -> torch.Tensor:
-        if isinstance(class_labels, int):
-            class_labels = [class_labels]
-        labels = torch.as_tensor(class_labels, device=device).reshape(-1)
-        if labels.numel() == 0:
-            raise ValueError("`class_labels` is empty: give at least one class id.")
-        if labels.dtype.is_floating_point:
-            raise TypeError("`class_labels` must be integer class ids.")
-        n = self.null_class
-        if bool((labels < 0).any()) or bool((labels > n).any()):
-            raise ValueError(f"Class ids must be in 0..{n} ({n} is the null / unconditional class), got {class_labels}.")
-        return labels.long()
+    def _check_call(self, class_labels, guidance_scale, num_inference_steps, generator, latents, output_type,
+                    batching, fast, combine_space) -> list[int]:
+        """The call's arguments checked before any model pass; returns the class ids (names resolved)."""
+        check_guidance_scale(guidance_scale)
+        check_count("num_inference_steps", num_inference_steps, "the number of sampling steps")
+        check_output_type(output_type)
+        check_options(batching, combine_space, fast)
+        ids = class_ids(class_labels, getattr(self, "labels", None), self.null_class)
+        check_generator(generator, len(ids), f"{len(ids)} class label(s)")
+        size = self.transformer.config.sample_size
+        check_latents(latents, (len(ids), self.transformer.config.in_channels, size, size),
+                      f"{len(ids)} class label(s), {self.transformer.config.in_channels} latent channels, "
+                      f"sample size {size}")
+        return ids
 
     @staticmethod
     def _timestep_tensor(t, x: torch.Tensor) -> torch.Tensor:

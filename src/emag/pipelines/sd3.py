@@ -26,8 +26,10 @@ from ..plumbing.architectures import architecture_of
 from ..plumbing.backbones import SD3Backbone, TextCondition
 from ..plumbing.text_weakening import TEXT_ENCODERS, TextWeakening, scaled_queries
 from ..windows import StepContext
+from ._exclusive import PerThread, one_call_at_a_time
 from ._guided import (build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, text_weakenings,
                       uses_uncond)
+from ._inputs import check_sd3_call, warn_unused_negative
 
 
 class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
@@ -45,21 +47,18 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """diffusers' ``from_pretrained`` (hub id or local folder) with clear errors: a local folder is
         checked first (a SD3 pipeline, every listed component present, weights readable; components
-        saved as None are passed as None), and a hub id whose weights are not available says what to
-        download."""
-        from ..loading import absent_components, checked_local_folder, hub_load_error
+        saved as None are passed as None); a missing folder, or a hub id whose weights are not available,
+        raises :class:`emag.MissingWeightsError` with the download command (see ``emag.loading``)."""
+        from ..loading import from_pretrained_checked
 
-        folder = checked_local_folder(cls, pretrained_model_name_or_path, "sd3")
-        if folder is not None:
-            kwargs = {**absent_components(cls, folder), **kwargs}
-            return super().from_pretrained(str(folder), **kwargs)
-        try:
-            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
-        except OSError as exc:
-            raise hub_load_error(pretrained_model_name_or_path, exc) from exc
+        return from_pretrained_checked(cls, super().from_pretrained, pretrained_model_name_or_path, "sd3", kwargs)
 
-    emag_trace: list | None = None
+    # what the calling thread's last call did (per thread: concurrent calls never see each other's)
+    emag_trace = PerThread()
+    guidance_runtimes = PerThread()
+    guidance_engine = PerThread()
 
+    @one_call_at_a_time  # one call per transformer at a time; hooks act in the calling thread only
     @torch.no_grad()
     def __call__(
         self,
@@ -105,6 +104,8 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "__class__"):
             base_args.pop(key, None)
         self.emag_trace = None
+        check_sd3_call(self, guided=emag is not None or guidance is not None, batching=batching, fast=fast,
+                       combine_space=combine_space, **base_args)  # before any work
         if emag is None and guidance is None:
             return super().__call__(**base_args)
 
@@ -121,6 +122,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         scored_uncond = guidance_scale > 1 and any(
             isinstance(t, EMAG) and t.combination == "emag_only" and not t.cond_only_score for t in terms)
         has_uncond = uses_uncond(terms) or scored_uncond
+        warn_unused_negative(has_uncond, base_args)
         weak_texts = text_weakenings(terms)
         self._check_weak_text_inputs(weak_texts, prompt, negative_prompt, negative_prompt_embeds)
 
@@ -173,7 +175,8 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         for i, t in enumerate(timesteps):
             param = FlowMatching(float(self.scheduler.sigmas[i]))
             contexts.append(StepContext(i, num_steps, float(t), param.sigma_edm, param))
-        runtimes = make_runtimes(terms, setup, contexts)  # validates every term against the model and schedule
+        runtimes = make_runtimes(terms, setup, contexts, self.transformer)  # every term vs model, schedule
+        guided = guided_channels_of(terms, self.transformer.config.out_channels)
 
         lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
         prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
@@ -201,7 +204,7 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
                 max_sequence_length=max_sequence_length, lora_scale=lora_scale)
         channels = self.transformer.config.out_channels
         engine = make_engine(runtimes, lambda m: SD3Backbone(m, self.joint_attention_kwargs),
-                             conditions, self.transformer, arch, channels, guided_channels_of(terms, channels),
+                             conditions, self.transformer, arch, channels, guided,
                              batching, has_uncond, combine_space)
 
         self.guidance_engine = engine
