@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 import emag
-from emag.config import resolve
+from emag.guidance.emag import resolve
 from emag.windows import window_steps
 
 GiB = 2**30
@@ -37,7 +37,7 @@ CASES = [
 
 
 def sizes(family, blocks, heads, d, n_img, n_txt, steps, batch, dtype):
-    cfg = resolve(emag.EMAG(), family, blocks, family)
+    cfg = resolve(emag.EMAG(), family, blocks)
     ema_bytes = torch.empty((), dtype=cfg.ema_dtype).element_size()
     model_bytes = torch.empty((), dtype=dtype).element_size()
     n_k = n_img + n_txt

@@ -28,7 +28,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from emag import metrics  # noqa: E402
-from emag.config import EMAG  # noqa: E402
+from emag import EMAG  # noqa: E402
 from emag.digits import DEFAULT_EMAG_LAYERS, bundled_model_path, load_digits_pipeline  # noqa: E402
 from emag.digits import classifier as digit_classifier  # noqa: E402
 from emag.digits.data import load_images  # noqa: E402

@@ -12,9 +12,10 @@ from click.testing import CliRunner
 import emag
 from emag.cli import cli
 from emag.generate import plan_generation
-from emag.guidance.emag_term import can_act
+from emag.guidance.emag.runtime import can_act
 from emag.io import read_png_params
-from emag.loading import check_snapshot, check_transformer_family, transformer_class_name
+from emag.families import DIT, family_of_transformer_config
+from emag.loading import check_snapshot, check_transformer_family
 from tiny_models import dit_latents, sd3_embeds, sd3_latents, tiny_dit_pipeline, tiny_sd3_pipeline, tiny_sd3_transformer
 
 NAN, INF = float("nan"), float("inf")
@@ -202,6 +203,19 @@ def test_non_finite_guidance_is_an_error_naming_the_step_and_the_terms(sd3, dit)
     GuidanceEngine._non_finite(torch.full((1, 4, 2, 2), NAN), StepContext(2, 4), [Runtime()], finite, torch.float32)
 
 
+def test_latents_that_become_non_finite_between_steps_are_an_error(sd3):
+    """Finite guided predictions, then non-finite latents entering the next step (the sampler's update
+    overflowed, or, as here by construction, a callback made them so): an error naming that step. The
+    caller's own non-finite latents at the first step pass through, as in the base pipeline."""
+    def poison(pipe, i, t, kw):
+        return {"latents": kw["latents"] * float("inf")} if i == 1 else {}
+
+    with pytest.raises(ValueError, match=r"latents entering step 2 of 4 are not finite"):
+        sd3_call(sd3, emag=E(), callback_on_step_end=poison)
+    out = sd3_call(sd3, emag=E(), latents=torch.full_like(sd3_latents(1), NAN)).images
+    assert torch.isnan(out).all()
+
+
 def _emag_warnings(fn):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -264,12 +278,13 @@ def mixed_dir(tmp_path_factory):
 
 @pytest.fixture
 def no_loading(monkeypatch):
-    import emag.loading
+    import emag.cli
+    import emag.generate
 
     def refuse(*a, **k):
         raise AssertionError("weights were loaded")
 
-    monkeypatch.setattr(emag.loading, "load_pipeline", refuse)
+    monkeypatch.setattr(emag.generate, "load_pipeline", refuse)
 
 
 def test_a_folder_mixing_two_families_is_refused_before_loading(mixed_dir, tmp_path, no_loading):
@@ -282,7 +297,7 @@ def test_a_folder_mixing_two_families_is_refused_before_loading(mixed_dir, tmp_p
     assert r.exit_code == 1 and "holds a SD3Transformer2DModel" in r.output and "Traceback" not in r.output
     # the hub's DiT folders save the legacy Transformer2DModel name, which diffusers loads as a DiT
     legacy = {"_class_name": "Transformer2DModel", "norm_type": "ada_norm_zero"}
-    assert transformer_class_name(legacy) == "DiTTransformer2DModel"
+    assert family_of_transformer_config(legacy) is DIT
     good = tmp_path / "legacy"
     (good / "transformer").mkdir(parents=True)
     (good / "model_index.json").write_text(json.dumps({"_class_name": "DiTPipeline"}))
@@ -320,9 +335,10 @@ def test_cli_out_errors_name_out(tmp_path, monkeypatch, no_loading):
     def unwritable(plan, out):
         raise PermissionError(13, "Permission denied", str(out))
 
+    import emag.cli
     import emag.generate
 
-    monkeypatch.setattr(emag.generate, "check_output_folder", unwritable)
+    monkeypatch.setattr(emag.cli, "check_output_folder", unwritable)
     r = CliRunner().invoke(cli, ["generate", "--class-label", "1", "--out", str(tmp_path / "ro")])
     assert r.exit_code == 1 and "--out" in r.output and "no permission to write" in r.output
     assert "writable" in r.output and "Errno" not in r.output

@@ -217,13 +217,14 @@ def test_cfg_zero_star_zero_init_and_scale(pipe):
 def test_cfg_zero_star_combination_against_the_formula(original):
     """guidance-methods.md 1.4: s* = <c, u> / (||u||^2 + 1e-8) per sample; D = s* u + w (c - s* u), or in the
     original formulation D = c + w (c - s* u); zero output for the first zero_init_steps steps."""
+    from emag.families import SD3
     from emag.guidance.base import Setup
     from emag.windows import StepContext
 
     g = torch.Generator().manual_seed(0)
     c, u = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
     cfg = emag.CFGZeroStar(3.0, zero_init_steps=1, original_formulation=original)
-    rt = cfg.runtime(Setup("sd3", None, 4, 10, 2, "flow", 4))
+    rt = cfg.runtime(Setup(SD3, 4, 10, 2))
     s = torch.stack([(c[i].double() * u[i].double()).sum() / (u[i].double().pow(2).sum() + 1e-8) for i in range(2)])
     s = s.view(2, 1, 1, 1)
     expected = c + 3.0 * (c - s * u) if original else s * u + 3.0 * (c - s * u)

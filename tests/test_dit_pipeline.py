@@ -132,7 +132,7 @@ def test_cfg_scale_at_or_below_one_follows_the_reference_formula(pipe, w):
 @pytest.mark.parametrize("variant", ["full", "q"])
 def test_feeding_the_ema_by_head_chunks_equals_the_reference(pipe, monkeypatch, variant):
     """Large maps are fed one chunk of heads at a time (bounded temporaries): same result."""
-    from emag.plumbing import emag_attention
+    from emag.guidance.emag import state as emag_attention
 
     monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)  # one head per chunk
     ref, _ = ref_dit_sample(pipe, [1, 2], dit_latents(2), N, 1.5, 3.0, LAYERS, gen(), ema=EMA, apply=APPLY,

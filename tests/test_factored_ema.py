@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import emag
 from emag.math.ema import attention_probs, ema_update_, row_entropy
 from emag.math.factored_ema import decay_and_append, factored_output, factored_statistics
-from emag.plumbing import emag_attention
+from emag.guidance.emag import state as emag_attention
 from tiny_models import dit_latents, sd3_embeds, sd3_latents, tiny_dit_pipeline, tiny_sd3_pipeline
 
 LAYERS = [1, 2, 4]

@@ -179,7 +179,7 @@ def _dit_equal(dit, e, batching):
 def test_observers_of_image_rows_get_only_those_rows():
     """An observer that reads only the image-query rows gets the map of those rows (the text-query rows
     are never built), equal to the full map's image rows; the pass's output is unchanged."""
-    from emag.plumbing.architectures import architecture_of
+    from emag.families import family_of
     from emag.plumbing.edits import AttentionEdit, EditScope, ForwardPlan, RowGroup
     from tiny_models import tiny_sd3_transformer
 
@@ -201,7 +201,7 @@ def test_observers_of_image_rows_get_only_those_rows():
     maps = {}
     for flag in (True, False):
         obs = Observer(flag)
-        scope = EditScope(tr, architecture_of(tr), {1}, set())
+        scope = EditScope(tr, family_of(tr), {1}, set())
         with scope.installed(), scope.forward(ForwardPlan([RowGroup("cond", 0, 1, {1: [obs]})], (4, 4))):
             out = tr(**args)[0]
         assert torch.equal(out, clean)
@@ -214,7 +214,7 @@ def test_observers_of_image_rows_get_only_those_rows():
 def test_image_row_edits_keep_fused_attention_for_text_rows():
     """An edit that rewrites only image-query rows of the map: those rows' output is the edited map times V,
     the text-query rows' output is the live attention, the same as editing the full map."""
-    from emag.plumbing.architectures import architecture_of
+    from emag.families import family_of
     from emag.plumbing.edits import AttentionEdit, EditScope, ForwardPlan, RowGroup
     from tiny_models import tiny_sd3_transformer
 
@@ -236,7 +236,7 @@ def test_image_row_edits_keep_fused_attention_for_text_rows():
     clean = tr(**args)[0]
     outs = {}
     for flag in (True, False):
-        scope = EditScope(tr, architecture_of(tr), {1}, set())
+        scope = EditScope(tr, family_of(tr), {1}, set())
         with scope.installed(), scope.forward(ForwardPlan([RowGroup("cond", 0, 1, {1: [Uniform(flag)]})], (4, 4))):
             outs[flag] = tr(**args)[0]
     assert not torch.allclose(outs[True], clean, atol=1e-3)
@@ -246,10 +246,10 @@ def test_image_row_edits_keep_fused_attention_for_text_rows():
 def test_one_update_may_span_passes_but_not_feed_rows_twice():
     """SD3's EMA rows [uncond ; cond] fed in two passes form one update: no score until both halves are
     in, then the score over all rows; feeding a half twice before the update is complete raises."""
-    from emag.config import resolve
-    from emag.plumbing.emag_attention import EMAGState
+    from emag.guidance.emag import resolve
+    from emag.guidance.emag.state import EMAGState
 
-    state = EMAGState(resolve(emag.EMAG(layers=[0]), "sd3", 2, "sd3"), 2, "before")
+    state = EMAGState(resolve(emag.EMAG(layers=[0]), "sd3", 2), 2, "before")
     state.storage = "dense"
     g = torch.Generator().manual_seed(0)
     first, second = torch.rand(2, 2, 4, 6, generator=g), torch.rand(2, 2, 4, 6, generator=g)
@@ -271,7 +271,7 @@ def test_one_update_may_span_passes_but_not_feed_rows_twice():
 def test_maps_built_by_one_head_keep_fast_equal_to_straightforward(sd3, dit, monkeypatch, batching):
     """With every explicit map built one head at a time, the fast path (two-pass and joined) still makes
     the straightforward path's choices and outputs, on SD3 and on DiT (per-sample selection)."""
-    from emag.plumbing import emag_attention
+    from emag.guidance.emag import state as emag_attention
 
     monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)
     slow = sd3_run(sd3, False, variant="full")
@@ -288,7 +288,8 @@ def test_hard_replacement_multiplies_the_ema_without_building_the_live_map(sd3, 
     """With lambda = 1 on all image-query rows the replaced map is E itself: E V is taken directly. The
     same images bit for bit as writing E into the live map, with fewer explicit maps built."""
     from emag.math import ema as ema_math
-    from emag.plumbing import edits, emag_attention
+    from emag.guidance.emag import edits as emag_edits
+    from emag.plumbing import edits
 
     fast = e.pop("fast", True)
     built = []
@@ -304,7 +305,7 @@ def test_hard_replacement_multiplies_the_ema_without_building_the_live_map(sd3, 
         return out, len(built)
 
     direct, n_direct = go()
-    monkeypatch.setattr(emag_attention.EMAGReplace, "given_map", lambda self, info: False)
+    monkeypatch.setattr(emag_edits.EMAGReplace, "given_map", lambda self, info: False)
     written, n_written = go()
     assert torch.equal(direct, written)
     assert n_direct < n_written
@@ -318,7 +319,7 @@ def test_sd3_unconditional_observer_rows_run_only_while_a_later_candidate_needs_
     Which block the scores pick depends on the model's numbers (another CPU, another choice), so the rule is
     checked at every replaced step of the adaptive run, and each candidate is also forced as the choice
     (``forced``): both cases occur on any machine, and the forced runs still equal the straightforward path."""
-    from emag.plumbing.emag_attention import EMAGState
+    from emag.guidance.emag.state import EMAGState
 
     if forced is not None:
         monkeypatch.setattr(EMAGState, "choose", lambda self: {forced: True})

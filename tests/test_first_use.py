@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import emag
 from emag.cli import EXAMPLES, cli
 from emag.io import read_png_params, save_grid, save_png
-from emag.presets import HUB_MODELS
+from emag.families import hub_models
 from tiny_models import tiny_dit_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,7 +42,7 @@ def no_download(monkeypatch):
         raise LocalEntryNotFoundError("Got: ConnectError: [Errno -2] Name or service not known\n"
                                       "An error happened while trying to locate the files on the Hub.")
 
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    monkeypatch.setattr(emag.loading, "snapshot_download", fake)
     return calls
 
 
@@ -80,7 +80,7 @@ def test_cli_missing_unknown_folder_says_what_is_expected(tmp_path, monkeypatch,
     assert "Model folder ./models/sd3-medium does not exist" in r.output
     assert "diffusers pipeline folder" in r.output and "model_index.json" in r.output and "hub id" in r.output
     assert re.search(r"hf download \S+/\S+ --local-dir ./models/\S+", r.output)
-    for hub_id in HUB_MODELS:  # the known models, from their one home
+    for hub_id in hub_models():  # the known models, from their one home (the families)
         assert hub_id in r.output
     r = _generate("--model", "./models/sd3-medium", "--prompt", "x", "--download")
     assert r.exit_code != 0 and "add --download" not in r.output and no_download == []

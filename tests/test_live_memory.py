@@ -9,10 +9,12 @@ import pytest
 import torch
 
 import emag
-from emag.config import resolve
+from emag.guidance.emag import resolve
 from emag.math.ema import attention_probs, ema_update_
-from emag.plumbing import emag_attention
-from emag.plumbing.emag_attention import EMAGReplace, EMAGState
+from emag.guidance.emag import state as emag_attention
+from emag.guidance.emag.edits import EMAGReplace
+from emag.guidance.emag.state import EMAGState
+from emag.plumbing.edits import AttentionInfo
 from tiny_models import dit_latents, sd3_embeds, sd3_latents, tiny_dit_pipeline, tiny_dit_transformer, tiny_sd3_pipeline
 
 BENCH = os.path.join(os.path.dirname(__file__), "..", "benchmarks")
@@ -108,7 +110,7 @@ def test_attention_probs_allocates_one_map():
 
 
 def _state(dtype="float16", timing="before"):
-    state = EMAGState(resolve(emag.EMAG(layers=[0], ema_dtype=dtype), "sd3", 2, "sd3"), 1, timing)
+    state = EMAGState(resolve(emag.EMAG(layers=[0], ema_dtype=dtype), "sd3", 2), 1, timing)
     state.storage = "dense"
     return state
 
@@ -148,7 +150,7 @@ def test_hard_replacement_is_written_into_the_map():
     g = torch.Generator().manual_seed(1)
     state.feed(0, torch.rand(1, 2, 6, 9, generator=g), slice(0, 1))
     state.finish(0)
-    info = emag_attention.AttentionInfo(0, 6, None, None, 0.5)
+    info = AttentionInfo(0, 6, None, None, 0.5)
     p = torch.rand(1, 2, 6, 9, generator=g)
     with LiveTensorBytes("cpu") as mem:
         out = EMAGReplace(state, 0, slice(0, 1)).probs(p, info, (0, 1))

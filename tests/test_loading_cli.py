@@ -161,7 +161,7 @@ def test_cli_batching_and_ema_storage_reach_the_pipeline(sd3_dir, tmp_path, monk
 
 
 def test_cli_resumes_an_interrupted_run_and_never_overwrites_other_work(dit_dir, tmp_path, monkeypatch):
-    import emag.loading
+    import emag.generate
 
     args = ["generate", "--model", str(dit_dir), "--class-label", "3", "--num-images", "3", "--layers", "1-2",
             "--steps", "4", "--sampler", "default", "--ema-window", "0,1", "--apply-window", "0.25,1",
@@ -175,7 +175,7 @@ def test_cli_resumes_an_interrupted_run_and_never_overwrites_other_work(dit_dir,
     pngs[2].with_suffix(".json").unlink()
     loads = []
     real = emag.loading.load_pipeline
-    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
+    monkeypatch.setattr(emag.generate, "load_pipeline", lambda *a, **k: loads.append(1) or real(*a, **k))
     r = CliRunner().invoke(cli, args)
     assert r.exit_code == 0, r.output
     assert "2 image(s) already" in r.output and len(loads) == 1
@@ -252,12 +252,12 @@ def test_cli_methods_lists_every_method():
     (["--model", "{sd3}", "--prompt", "x", "--layers", "9"], "out of range"),
     (["--model", "{sd3}", "--prompt", "x", "--height", "17"], "multiple of"),
     (["--model", "{sd3}", "--class-label", "3"], "prompt"),
-    (["--model", "{sd3}", "--prompt", "x", "--preset", "dit-xl-2"], "DIT"),
+    (["--model", "{sd3}", "--prompt", "x", "--preset", "dit-xl-2"], "is for DiT models"),
     (["--model", "{dit}", "--class-label", "zebra"], "Unknown class label"),
     (["--model", "{dit}", "--class-label", "3", "--height", "64"], "only generates"),
     (["--model", "{dit}", "--prompt", "a cat"], "class-conditional"),
     (["--model", "{sd3}", "--prompt", "x", "--ema-window", "0.5"], "START,STOP"),
-    (["--model", "{dit}", "--class-label", "3", "--negative-prompt", "x"], "SD3 only"),
+    (["--model", "{dit}", "--class-label", "3", "--negative-prompt", "x"], "text-conditioned models only"),
     (["--model", "{dit}", "--class-label", "3", "--guided-channels", "9"], "exceeds"),
     (["--model", "{dit}", "--class-label", "3", "--method", "cfg,apg,emag"], "At most one"),
     (["--model", "{dit}", "--class-label", "3", "--method", "cfg-zero-star,emag"], "flow-matching"),
@@ -268,9 +268,9 @@ def test_cli_methods_lists_every_method():
     (["--model", "{sd3}", "--prompt", "x", "--cfg", "nan"], "--cfg"),
 ])
 def test_cli_bad_input_fails_fast_without_traceback(sd3_dir, dit_dir, monkeypatch, args, message):
-    import emag.loading
+    import emag.generate
 
-    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(emag.generate, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
     args = [a.format(sd3=sd3_dir, dit=dit_dir) for a in args]
     if "--layers" not in args:
         args += ["--layers", "1"]
@@ -293,9 +293,9 @@ def _broken_copy(src, dst, breaker):
     (lambda d: (d / "model_index.json").write_text("{oops"), "not valid JSON"),
 ])
 def test_cli_incomplete_or_corrupt_snapshots_fail_before_loading(dit_dir, tmp_path, monkeypatch, breaker, message):
-    import emag.loading
+    import emag.generate
 
-    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(emag.generate, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
     model = _broken_copy(dit_dir, tmp_path / "m", breaker)
     r = CliRunner().invoke(cli, ["generate", "--model", str(model), "--class-label", "3", "--method", "cfg",
                                  "--out", str(tmp_path / "o")])
@@ -312,9 +312,9 @@ def test_snapshot_check_covers_text_encoders(sd3_dir, tmp_path):
 
 
 def test_cli_output_folder_problems_come_before_any_work(dit_dir, tmp_path, monkeypatch):
-    import emag.loading
+    import emag.generate
 
-    monkeypatch.setattr(emag.loading, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
+    monkeypatch.setattr(emag.generate, "load_pipeline", lambda *a, **k: pytest.fail("weights were loaded"))
     args = ["generate", "--model", str(dit_dir), "--class-label", "3", "--method", "cfg"]
     blocker = tmp_path / "afile"
     blocker.write_text("x")

@@ -75,7 +75,7 @@ class HandBase(GuidanceConfig):
     def __init__(self, fn, space="x0"):
         self.fn, self.space, self.state = fn, space, {}
 
-    def needs_negative(self):
+    def uses_uncond(self, family, guidance_scale):
         return True
 
     def runtime(self, setup):

@@ -15,7 +15,7 @@ from emag.guidance.sag import SAG, attention_received, sag_degrade, sag_mask, sa
 from emag.guidance.seg import SEG, BlurQueries, blur_image_queries, clip_kernel_size, gaussian_blur_2d, seg_kernel_size
 from emag.guidance.tpg import TPG, PermuteTokens, tpg_permutation
 from emag.parametrization import EpsilonVP, FlowMatching
-from emag.plumbing.architectures import ARCHITECTURES, architecture_of
+from emag.families import DIT, SD3, family_of
 from emag.plumbing.edits import AttentionInfo, EditScope, ForwardPlan, RowGroup
 from tiny_models import (dit_latents, sd3_embeds, sd3_latents, tiny_dit_pipeline, tiny_dit_transformer,
                          tiny_sd3_pipeline, tiny_sd3_transformer)
@@ -191,7 +191,7 @@ def test_seg_blur_matches_explicit_convolution_on_non_square_grids(grid, sigma, 
 def test_seg_infinite_blur_makes_every_image_query_the_mean():
     n, grid = 12, (3, 4)
     q = torch.randn(2, 3, n + 5, 8)
-    info = AttentionInfo(0, n, grid, ARCHITECTURES["SD3Transformer2DModel"], 8 ** -0.5)
+    info = AttentionInfo(0, n, grid, SD3, 8 ** -0.5)
     for sigma in (float("inf"), 1e5):
         out = BlurQueries(sigma).query(q, q, q, info, (0, 2))
         img = out[:, :, :n]
@@ -304,7 +304,7 @@ def test_sag_on_dit_epsilon_model(dit):
 def test_erg_scales_image_queries_only_by_default():
     n = 6
     q = torch.randn(1, 2, n + 3, 4)
-    info = AttentionInfo(0, n, (2, 3), ARCHITECTURES["SD3Transformer2DModel"], 0.5)
+    info = AttentionInfo(0, n, (2, 3), SD3, 0.5)
     out = ScaleQueries(0.01).query(q, q, q, info, (0, 1))
     assert torch.equal(out[:, :, :n], q[:, :, :n] * 0.01) and torch.equal(out[:, :, n:], q[:, :, n:])
     assert torch.equal(ScaleQueries(0.01, "all").query(q, q, q, info, (0, 1)), q * 0.01)
@@ -399,7 +399,7 @@ def test_tpg_branch_is_the_patch_shuffled_prediction_on_dit():
     x, t, y = dit_latents(1), torch.tensor([500]), torch.tensor([3])
     clean = tr(x, timestep=t, class_labels=y).sample
     edit = PermuteTokens(seed=0, step=0, layer=1)
-    scope = EditScope(tr, architecture_of(tr), set(), {1})
+    scope = EditScope(tr, family_of(tr), set(), {1})
     with scope.installed(), scope.forward(ForwardPlan([RowGroup("tpg", 0, 1, {}, {1: [edit]})], (4, 4))):
         pert = tr(x, timestep=t, class_labels=y).sample
     assert no_hooks_left(tr)
@@ -437,11 +437,10 @@ def test_default_layers_on_shallow_models():
     from emag.guidance.base import Setup
     from emag.guidance.perturbation import resolve_layers
 
-    dit = Setup("dit", ARCHITECTURES["DiTTransformer2DModel"], 4, 10, 1, "epsilon", 4)
-    band = {"dit": lambda n: range(n // 2 - 2, n // 2 + 3)}
-    assert resolve_layers(None, dit, band, "ERG") == (0, 1, 2, 3)
-    sd3 = Setup("sd3", ARCHITECTURES["SD3Transformer2DModel"], 6, 10, 1, "flow", 16)
+    dit = Setup(DIT, 4, 10, 1)
+    assert resolve_layers(None, dit, "erg", "ERG") == (0, 1, 2, 3)  # the family's band of 5 middle blocks
+    sd3 = Setup(SD3, 6, 10, 1)
     with pytest.raises(ValueError, match="default layers"):
-        resolve_layers(None, sd3, {"sd3": (13,)}, "PAG")
+        resolve_layers(None, sd3, "pag", "PAG")  # SD3-Medium's block 13
     with pytest.raises(ValueError, match="out of range"):
-        resolve_layers([13], sd3, {"sd3": (13,)}, "PAG")
+        resolve_layers([13], sd3, "pag", "PAG")

@@ -83,7 +83,7 @@ def test_equals_the_straightforward_reference(pipe, variant, rows, selection, mo
 @pytest.mark.parametrize("variant, rows", [("full", "image_rows"), ("full", "img2txt"), ("q", "image_rows")])
 def test_feeding_the_ema_by_head_chunks_equals_the_reference(pipe, monkeypatch, variant, rows):
     """Large maps are fed one chunk of heads at a time (bounded temporaries): same result."""
-    from emag.plumbing import emag_attention
+    from emag.guidance.emag import state as emag_attention
 
     monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)  # one head per chunk
     ref, _ = ref_sd3_sample(pipe, sd3_embeds(2), sd3_latents(2), N, 5.0, 2.0, LAYERS, variant=variant, rows=rows)
@@ -120,7 +120,8 @@ def test_only_emag_scores_the_unconditional_rows_while_the_cfg_flag_is_on(pipe, 
 def test_maps_built_by_one_head_equal_the_reference_with_row_masks_and_blends(pipe, monkeypatch, extra, ref_extra):
     """The map built one head at a time (FEED_CHUNK_ELEMENTS = 1) with per-sample replacement masks and a
     partial blend: still the straightforward reference."""
-    from emag.plumbing import edits, emag_attention
+    from emag.guidance.emag import state as emag_attention
+    from emag.plumbing import edits
 
     monkeypatch.setattr(emag_attention, "FEED_CHUNK_ELEMENTS", 1)
     heads, real = [], edits.attention_probs
@@ -137,7 +138,7 @@ def test_equals_reference_with_per_sample_selection(pipe, monkeypatch):
     differs from the batch-global one depends on the model's numbers (another CPU, other choices): the
     result differs from global selection's exactly when the choices do."""
     import reference_emag
-    from emag.plumbing import emag_attention
+    from emag.guidance.emag import state as emag_attention
 
     ref_masks, lib_rows = [], []
     real_ref, real_lib = reference_emag._choose, emag_attention.select_layers_per_row
@@ -320,10 +321,10 @@ def test_bad_inputs_fail_before_work(pipe, bad, match):
 def test_unsupported_family_is_a_clear_error():
     from diffusers import FluxTransformer2DModel
 
-    from emag.plumbing import architecture_of
+    from emag.families import family_of
 
     flux = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4))
     with pytest.raises(ValueError, match="does not support the model family FluxTransformer2DModel"):
-        architecture_of(flux)
+        family_of(flux)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import emag
-from emag.config import resolve
+from emag.guidance.emag import resolve
 from emag.layers import parse_layers
 from emag.windows import (GuiderWindow, RemainingStepsWindow, SD3ReferenceWindow, StepContext, StrictWindow, Window,
                           window_steps)
@@ -88,17 +88,17 @@ def test_bad_config_is_rejected(kwargs, match):
 
 
 def test_resolve_fills_backbone_defaults_and_checks_range():
-    r = resolve(emag.EMAG(), "sd3", 24, "SD3Transformer2DModel")
+    r = resolve(emag.EMAG(), "sd3", 24)
     assert r.layers == (6, 7, 8) and r.scale == 1.5 and r.ema_dtype == torch.float16
-    r = resolve(emag.EMAG(), "dit", 28, "DiTTransformer2DModel")
+    r = resolve(emag.EMAG(), "dit", 28)
     assert r.layers == (12, 13, 14, 15) and r.scale == 3.0 and r.ema_dtype == torch.float32
-    assert resolve(emag.EMAG(combination="additive"), "dit", 28, "x").apply_window == RemainingStepsWindow(0, 100)
+    assert resolve(emag.EMAG(combination="additive"), "dit", 28).apply_window == RemainingStepsWindow(0, 100)
     with pytest.raises(ValueError, match="out of range"):
-        resolve(emag.EMAG(layers=[6, 24]), "sd3", 24, "SD3Transformer2DModel")
+        resolve(emag.EMAG(layers=[6, 24]), "sd3", 24)
     with pytest.raises(ValueError, match="DiT"):
-        resolve(emag.EMAG(selection="entropy"), "sd3", 24, "x")
+        resolve(emag.EMAG(selection="entropy"), "sd3", 24)
     with pytest.raises(ValueError, match="text"):
-        resolve(emag.EMAG(rows="img2txt"), "dit", 28, "x")
+        resolve(emag.EMAG(rows="img2txt"), "dit", 28)
 
 
 def test_presets_carry_the_paper_defaults():

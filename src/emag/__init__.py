@@ -4,14 +4,18 @@
     pipe = emag.StableDiffusion3EMAGPipeline.from_pretrained("stabilityai/stable-diffusion-3-medium-diffusers")
     image = pipe("a photo of a cat", emag=emag.EMAG.preset("sd3-medium")).images[0]
 
-The pipelines (which import diffusers' pipeline modules) are loaded on first use.
+The pipelines (which import diffusers' and transformers' pipeline modules, seconds of work) and the DiT
+reference scheduler are loaded on first use.
 """
 
-from .config import EMAG, ResolvedEMAG
+import importlib
+
+from .families import FAMILIES, ModelFamily
+from .guidance import APG, CADS, CFG, EMAG, ERG, PAG, S2, SAG, SEG, SLG, STG, TPG, Autoguidance, CFGZeroStar
+from .guidance.emag import PRESETS, Preset, ResolvedEMAG, get_preset
 from .layers import parse_layers
 from .loading import MissingWeightsError, ModelLoadError
-from .presets import PRESETS, Preset, get_preset
-from .guidance import APG, CADS, CFG, ERG, PAG, S2, SAG, SEG, SLG, STG, TPG, Autoguidance, CFGZeroStar
+from .plumbing.exclusive import PipelineBusyError
 from .windows import GuiderWindow, RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, StrictWindow, Window
 
 __version__ = "0.1.0"
@@ -20,14 +24,11 @@ _LAZY = {
     "StableDiffusion3EMAGPipeline": ".pipelines",
     "DiTEMAGPipeline": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
-    "PipelineBusyError": ".pipelines._exclusive",
 }
 
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         value = getattr(importlib.import_module(_LAZY[name], __name__), name)
         globals()[name] = value
         return value
@@ -40,31 +41,33 @@ __all__ = [
     "CADS",
     "CFG",
     "CFGZeroStar",
+    "dit_reference_scheduler",
     "DiTEMAGPipeline",
     "EMAG",
     "ERG",
-    "PAG",
-    "PRESETS",
-    "PipelineBusyError",
-    "Preset",
+    "FAMILIES",
+    "get_preset",
     "GuiderWindow",
     "MissingWeightsError",
+    "ModelFamily",
     "ModelLoadError",
+    "PAG",
+    "parse_layers",
+    "PipelineBusyError",
+    "Preset",
+    "PRESETS",
     "RemainingStepsWindow",
     "ResolvedEMAG",
     "S2",
     "SAG",
     "SD3ReferenceWindow",
-    "StrictWindow",
     "SEG",
-    "SLG",
-    "STG",
     "SigmaInterval",
+    "SLG",
     "StableDiffusion3EMAGPipeline",
     "StepContext",
+    "STG",
+    "StrictWindow",
     "TPG",
     "Window",
-    "dit_reference_scheduler",
-    "get_preset",
-    "parse_layers",
 ]

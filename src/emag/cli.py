@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
 import click
 
-from .config import COMBINATIONS, EMA_STORAGES, TRACKED_ROWS, VARIANTS
+from .dtypes import MODEL_DTYPES
 from .engine import BATCHING
+from .families import FAMILIES
+from .generate import check_output_folder, output_path, plan_generation
+from .generate import generate as run
+from .guidance.emag import COMBINATIONS, EMA_STORAGES, PRESETS, TRACKED_ROWS, VARIANTS
+from .guidance.registry import METHODS, parameters
+from .io import save_grid, save_png
+from .loading import MissingWeightsError
 from .math.selection import SELECTION_MODES
-from .presets import PRESETS
 
 EXAMPLES = """
 \b
@@ -100,7 +107,7 @@ def _window(value: str | None):
 @click.option("--num-images", type=click.IntRange(min=1), default=None,
               help="Images per prompt/class (default 1; 6 for the bundled digits model).")
 @click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads (default: 1 for small models such as the bundled one, else torch's).")
@@ -117,11 +124,6 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
              apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, threads, download,
              out_dir, overwrite):
     """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
-    from .generate import generate as run
-    from .generate import check_output_folder, output_path, plan_generation
-    from .io import save_png
-    from .loading import MissingWeightsError
-
     overrides = {k: v for k, v in dict(
         scale=scale, layers=layers, beta=beta, blend=blend, variant=variant, rows=rows, selection=selection,
         per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, ema_storage=ema_storage,
@@ -148,13 +150,11 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
     except (MissingWeightsError, ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     out = Path(out_dir)
-    click.echo(f"{plan.family.upper()} model {plan.model}: {len(plan.jobs)} image(s), method {plan.method}, "
+    click.echo(f"{plan.family.label} model {plan.model}: {len(plan.jobs)} image(s), method {plan.method}, "
                f"preset {plan.preset.name}, {plan.num_inference_steps} steps, CFG {plan.guidance_scale} -> {out}/",
                err=True)
     if plan.threads_reason:
         click.echo(plan.threads_reason, err=True)
-    from .io import save_grid
-
     try:
         if not overwrite:
             check_output_folder(plan, out)
@@ -210,17 +210,10 @@ def _out_error(out: Path, exc: OSError) -> str:
 
 
 @cli.command("methods")
-@click.option("--family", type=click.Choice(["sd3", "dit"]), default=None, help="Only show defaults for this family.")
+@click.option("--family", type=click.Choice(sorted(FAMILIES)), default=None, help="Only show defaults for this family.")
 def methods_cmd(family) -> None:
     """List the guidance methods, their parameters, defaults and papers."""
-    import dataclasses
-
-    from .guidance.registry import METHODS, available, parameters
-
     for info in METHODS.values():
-        if not available(info):
-            click.echo(f"{info.name}: (not installed in this version)")
-            continue
         click.echo(f"{info.name} ({info.cls}) - {info.paper}")
         click.echo(f"    extra passes per step: {info.passes}; acts on: {info.acts_on}; kind: {info.kind}")
         fields = []
@@ -229,27 +222,22 @@ def methods_cmd(family) -> None:
             fields.append(f"{f.name}={default!r}" if not isinstance(default, str) or default != "(required)"
                           else f"{f.name} (required)")
         click.echo("    parameters: " + ", ".join(fields))
-        layers = _layer_defaults(info)
+        layers = {name: text for name, text in _layer_defaults(info.name).items() if family in (None, name)}
         if layers:
-            shown = {k: v for k, v in layers.items() if family in (None, k)}
-            click.echo("    default layers: " + "; ".join(f"{k}: {v}" for k, v in shown.items()))
+            click.echo("    default layers: " + "; ".join(f"{k}: {v}" for k, v in layers.items()))
 
 
-def _layer_defaults(info) -> dict[str, str]:
-    import importlib
-
-    mod = importlib.import_module(info.config_class().__module__)
-    d = getattr(mod, "DEFAULT_LAYERS", None)
-    if info.name == "emag":
-        return {"sd3": "6,7,8", "dit": "12,13,14,15"}
-    if not d:
-        return {}
+def _layer_defaults(method: str) -> dict[str, str]:
+    """Each family's default layers of ``method``, shown for its reference model's block count."""
     out = {}
-    for fam, v in d.items():
-        n = {"sd3": 24, "dit": 28}[fam]  # SD3-Medium / DiT-XL/2 block counts; callables scale with the model
-        layers = v(n) if callable(v) else v
+    for fam in FAMILIES.values():
+        d = fam.default_layers(method)
+        if d is None:
+            continue
+        n = fam.reference_blocks  # bands computed from the block count scale with the model
+        layers = d(n) if callable(d) else d
         text = ",".join(map(str, layers)) if len(layers) < 8 else f"{layers[0]}-{layers[-1]}"
-        out[fam] = text + (f" (of {n}; scales with the model)" if callable(v) else "")
+        out[fam.name] = text + (f" (of {n}; scales with the model)" if callable(d) else "")
     return out
 
 
@@ -258,7 +246,7 @@ def presets_cmd() -> None:
     """List the presets and where their numbers come from."""
     for p in PRESETS.values():
         e = p.emag
-        click.echo(f"{p.name}: {p.family} {p.model_id}; w_e={e.scale} layers={','.join(map(str, e.layers))} "
+        click.echo(f"{p.name}: {p.family.name} {p.model_id}; w_e={e.scale} layers={','.join(map(str, e.layers))} "
                    f"beta={e.beta} variant={e.variant} combination={e.combination} CFG={p.guidance_scale} "
                    f"steps={p.num_inference_steps} ({p.sampler})\n    source: {p.source}")
 

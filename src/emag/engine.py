@@ -27,12 +27,16 @@ import torch
 from torch import Tensor
 
 from .guidance.base import Branch, TermRuntime
+from .guidance.call import step_needs_uncond
 from .math.combine import merge_guided_channels
 from .plumbing.edits import EditScope, ForwardPlan, RowGroup
 from .plumbing.runner import RunState
 from .windows import StepContext
 
 BATCHING = ("normal", "all", "none", "auto")
+# Stage 0: the normal branches and every extra branch evaluated from x_t; stage 1: branches whose input
+# or edits depend on stage 0's outputs (SAG's degraded input, the DiT protocol's block choice).
+STAGES = (0, 1)
 COMBINE_SPACES = ("auto", "x0")
 
 
@@ -102,6 +106,8 @@ class GuidanceEngine:
     uses_uncond: bool = True
     combine_space: str = "auto"  # "auto": x0 iff an active term asks for it; "x0": always
     last_passes: list[list[str]] = field(default_factory=list)
+    _begun: bool = False
+    _finite_before: bool = False  # the previous step's guided prediction was finite
 
     def __post_init__(self) -> None:
         if self.batching not in BATCHING:
@@ -120,43 +126,54 @@ class GuidanceEngine:
 
     # -- evaluation --------------------------------------------------------------------------------
     def predict(self, x: Tensor, t: Tensor, ctx: StepContext) -> Tensor:
+        """The guided prediction of one step (see the module docstring for the order of its parts)."""
+        if not self._begun:  # the call's decisions that depend on its shapes (EMAG: its EMA storage)
+            self._begun = True
+            geometry = self.backbones["main"].attention_geometry(x, self.conditions["cond"])
+            for r in self.runtimes:
+                r.begin_call(geometry)
+        if self._finite_before and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"The latents entering step {ctx.index} of {ctx.num_steps} are not finite (inf or nan) "
+                             "although the previous step's guided prediction was: the sampler's update overflowed "
+                             "(or a callback returned non-finite latents). The guidance drove the latents out of "
+                             "range: use smaller scales.")
         active = [r for r in self.runtimes if r.active(ctx)]
         if len(active) == 1 and active[0].zero_output(ctx) and x.shape[1] == self.channels == self.guided_channels:
             # e.g. CFG-Zero*'s zero-init step alone: the output is zero whatever the model says (0 passes)
             self.last_passes = []
             return torch.zeros_like(x)
-        replaced = any(r.kind == "uncond" for r in active)  # ERG / autoguidance supply their own "uncond"
-        need_uncond = any(r.needs_uncond(ctx) for r in active) or (
-            not replaced and any(r.kind == "base" and r.base_needs_uncond(ctx) for r in active))
+        need_uncond = step_needs_uncond(active, ctx)
         if need_uncond and not self.uses_uncond:
             raise ValueError("A guidance term needs the unconditional branch but the call has no negative condition.")
         conditions = dict(self.conditions)
         for r in active:
             if r.kind == "condition":
                 conditions = r.condition(conditions, ctx)
-        main_order = self.scope_backbone_order()
-        normal = [n for n in main_order if n == "cond" or (n == "uncond" and need_uncond)]
-        extra: list[Branch] = [b for r in active for b in r.branches(ctx)]
-        names = normal + [b.name for b in extra]
-        if len(set(names)) != len(names):
-            raise ValueError(f"Two guidance terms asked for the same branch name: {names}.")
+        normal = [n for n in self.backbones["main"].normal_order if n == "cond" or (n == "uncond" and need_uncond)]
         outputs: dict[str, Tensor] = {}
         inputs: dict[str, Tensor] = {}
+        names = set(normal)
         self.last_passes = []
-        self._captures = set().union(*[r.capture_blocks(ctx) for r in active]) if active else set()
         # block -> branch -> that branch's rows of the state entering the block (from any pass this step)
         self._captured: dict[int, dict[str, RunState]] = {}
-        stages = sorted({0, 1} | {b.stage for b in extra})
-        for stage in stages:
-            for r in active:
-                r.before_stage(stage, ctx, outputs)
-            todo = [Branch(n, n, stage=0) for n in normal] if stage == 0 else []
-            todo += [b for b in extra if b.stage == stage]
-            for group in self._passes(todo, normal, conditions):
+        for stage in STAGES:
+            for r in active:  # the terms' decisions for this stage (EMAG: its block choice)
+                r.decide(stage, ctx, outputs)
+            if stage == 0:
+                self._captures = set().union(*[r.capture_blocks(ctx) for r in active]) if active else set()
+            extra: list[Branch] = [b for r in active for b in r.branches(ctx, stage)]
+            for b in extra:
+                if b.name in names:
+                    raise ValueError(f"Two guidance terms asked for the same branch name {b.name!r}.")
+                names.add(b.name)
+            todo = [Branch(n, n) for n in normal] if stage == 0 else []
+            for group in self._passes(todo + extra, normal, conditions):
                 self._run(group, x, t, ctx, active, conditions, outputs, inputs)
         guided = self._combine(x, ctx, active, outputs, inputs)
-        if active and not bool(torch.isfinite(guided).all()):  # one reduction per step
+        finite = bool(torch.isfinite(guided).all())  # one reduction per step
+        if active and not finite:
             self._non_finite(x, ctx, active, outputs, guided.dtype)
+        self._finite_before = finite
         return guided
 
     @staticmethod
@@ -183,13 +200,10 @@ class GuidanceEngine:
                          f"earlier steps drove them out of range (active terms: {terms}): use smaller scales. With "
                          "latents of ordinary size (a few units), the model itself overflows (e.g. in float16).")
 
-    def scope_backbone_order(self) -> tuple[str, ...]:
-        return tuple(self.backbones["main"].normal_order)
-
     def _passes(self, todo: list[Branch], normal: list[str], conditions: dict | None = None) -> list[list[Branch]]:
         by_model: dict[tuple[str, int], list[Branch]] = {}
         for b in todo:  # branches resuming from different blocks share a pass only by joining it
-            by_model.setdefault((b.model, b.resolved_start()), []).append(b)
+            by_model.setdefault((b.model, b.start_block), []).append(b)
         conditions = self.conditions if conditions is None else conditions
         # per-row embedding rewrites (DiT CADS) are laid out for a pass's initial rows: no joining then
         if self.batching in ("all", "auto") and not any(
@@ -257,9 +271,9 @@ class GuidanceEngine:
 
     def _run_pass(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
         model = branches[0].model
-        start_block = min(b.resolved_start() for b in branches)
-        joiners = [b for b in branches if b.resolved_start() > start_block]  # see _joined
-        branches = [b for b in branches if b.resolved_start() == start_block]
+        start_block = min(b.start_block for b in branches)
+        joiners = [b for b in branches if b.start_block > start_block]  # see _joined
+        branches = [b for b in branches if b.start_block == start_block]
         xs, conds, groups, start = [], [], [], 0
         for b in branches:
             xin = b.make_input(outputs, x) if b.make_input is not None else x
@@ -274,7 +288,7 @@ class GuidanceEngine:
                     for layer, e in b2.items():
                         blk.setdefault(layer, []).extend(e)
             else:
-                att, blk = b.resolved_edits()
+                att, blk = b.attention, b.blocks
             groups.append(RowGroup(b.name, start, start + n, att, blk))
             xs.append(xin)
             conds.append(conditions[b.condition])
@@ -303,7 +317,6 @@ class GuidanceEngine:
         """Block-by-block execution: capture states for suffix branches, resume from them, let suffix
         branches join the pass (``joiners``), drop rows."""
         backbone = self.backbones["main"]
-        runner = backbone.runner
         if start == 0:
             state = backbone.embed(xs, t, conds)
         else:
@@ -320,14 +333,14 @@ class GuidanceEngine:
         plan = ForwardPlan(groups, grid)
         joins: dict[int, list[Branch]] = {}
         for b in joiners:
-            joins.setdefault(b.resolved_start(), []).append(b)
+            joins.setdefault(b.start_block, []).append(b)
         with self.scope.forward(plan), backbone.context(conds, [g.stop - g.start for g in groups]):
-            for i in range(start, runner.num_blocks):
+            for i in range(start, backbone.num_blocks):
                 if start == 0 and i in self._captures:
                     self._captured.setdefault(i, {}).update({g.branch: state.rows(g.rows) for g in plan.groups})
                 if i in joins:
                     state, plan = self._join(state, plan, joins.pop(i), grid)
-                state = runner.block(i, state)
+                state = backbone.block(i, state)
                 done = {n for n, j in keep_until.items() if j == i}
                 if done and can_drop:
                     kept = [g for g in plan.groups if g.branch not in done]
@@ -342,7 +355,7 @@ class GuidanceEngine:
                         regrouped.append(RowGroup(g.branch, offset, offset + n, g.attention, g.blocks))
                         offset += n
                     plan = self.scope.plan = ForwardPlan(regrouped, grid)
-            out = runner.head(state) if plan.groups else None
+            out = backbone.head(state) if plan.groups else None
         for g in plan.groups:
             if g.branch not in keep_until:
                 outputs[g.branch] = out[g.rows]
@@ -354,7 +367,7 @@ class GuidanceEngine:
         for b in joiners:
             if b.source not in rows:
                 raise RuntimeError(f"Branch {b.name!r} joins from {b.source!r}, which is not in this pass.")
-            att, blk = b.resolved_edits()
+            att, blk = b.attention, b.blocks
             n = rows[b.source].stop - rows[b.source].start
             parts.append(state.rows(rows[b.source]))
             groups.append(RowGroup(b.name, offset, offset + n, att, blk))

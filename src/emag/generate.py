@@ -9,6 +9,7 @@ per image with its own generator seeded ``seed + index``, so every image is repr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,24 +19,32 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from PIL import Image
 
-from .config import EMAG, resolve
-from .loading import (check_snapshot, locate_model, model_family, read_component_config, read_model_index,
-                      transformer_class_name)
-from .presets import PRESETS, Preset, get_preset
+from . import __version__
+from .dtypes import FLOAT_DTYPES, MODEL_DTYPES
+from .engine import BATCHING
+from .families import ModelFamily
+from .guidance.base import GuidanceConfig, Setup
+from .guidance.call import guided_channels_of, make_runtimes, uses_uncond, with_defaults, with_paired_cfg
+from .guidance.emag import EMAG, PRESETS, Preset, get_preset, resolve
+from .guidance.registry import build_term, get_method
+from .io import read_png_params, repair_sidecar
+from .loading import check_snapshot, load_pipeline, locate_model, model_family, read_component_config, read_model_index
+from .inputs import check_count
+from .schedulers import dit_reference_scheduler
 from .threads import choose_threads, torch_threads, transformer_parameters
 
-BASE_KINDS = ("cfg", "cfg-zero-star", "apg")
-SAMPLERS = ("default", "ddpm-250")
-DEFAULT_PRESET = {"sd3": "sd3-medium", "dit": "dit-xl-2"}
+NULL_LABEL = "null"  # --class-label null: the model's null class, i.e. unconditional samples
 
 
 @dataclass
 class GenerationPlan:
     folder: Path
     model: str
-    family: str
+    family: ModelFamily
     preset: Preset
     method: str
     emag: EMAG | None
@@ -61,18 +70,49 @@ class GenerationPlan:
 
     @property
     def jobs(self) -> list[dict[str, Any]]:
-        items = self.prompts if self.family == "sd3" else self.class_labels
+        items = self.prompts if self.family.text_conditioned else self.class_labels
         return [{"condition": c, "repeat": r} for c in items for r in range(self.num_images)]
 
 
-def _vae_scale_factor(folder: Path) -> int:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan reads from a model folder's JSON configs (no weights)."""
+
+    folder: Path
+    name: str
+    family: ModelFamily
+    transformer: dict[str, Any]
+    vae_scale_factor: int
+    bundled: bool
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.transformer.get("num_layers", 0))
+
+    @property
+    def patch(self) -> int:
+        return int(self.transformer.get("patch_size", 2))
+
+    @property
+    def native_size(self) -> int:
+        return int(self.transformer.get("sample_size", 64)) * self.vae_scale_factor
+
+
+def _model_facts(model: str | None, allow_download: bool) -> ModelFacts:
+    """The model folder (the bundled digits model when ``model`` is None), checked: every listed component
+    present, weights readable (headers only), the transformer of the pipeline's family."""
+    if model is None:
+        from .digits import bundled_model_path  # the bundled model's package (assets, classifier)
+
+        folder, name = bundled_model_path(), "bundled:digits"
+    else:
+        folder, name = locate_model(model, allow_download), str(model)
+    family = model_family(folder)
+    check_snapshot(folder)
     vae = read_model_index(folder).get("vae")
-    if not vae or vae[0] is None:
-        return 1  # pixel-space model
-    return 2 ** (len(read_component_config(folder, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
-
-
-NULL_LABEL = "null"  # --class-label null: the model's null class, i.e. unconditional samples
+    vsf = 1 if not vae or vae[0] is None else \
+        2 ** (len(read_component_config(folder, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
+    return ModelFacts(folder, name, family, read_component_config(folder, "transformer"), vsf, model is None)
 
 
 def _resolve_labels(folder: Path, labels: list[str], num_classes: int) -> list[int]:
@@ -132,18 +172,41 @@ def plan_generation(
     fast: bool = True,
     threads: int | None = None,
 ) -> GenerationPlan:
-    """Check a generation request against the model's configs; no weights are loaded."""
-    from .engine import BATCHING
-    from .guidance.registry import get_method
+    """Check a generation request against the model's configs; no weights are loaded. ``model``: a folder
+    or hub id (None: the bundled digits model); the rest as the command line's options."""
+    _check_request(batching, dtype, device, guidance_scale, seed)
+    names = _method_names(method, method_params)
+    m = _model_facts(model, allow_download)
+    p = get_preset(preset or ("digits" if m.bundled else _default_preset(m.family)))
+    if p.family is not m.family:
+        raise ValueError(f"Preset {p.name!r} is for {p.family.label} models but {m.name} is a {m.family.label} model.")
+    w = p.guidance_scale if guidance_scale is None else guidance_scale
+    terms, emag = _build_terms(names, method_params or {}, p, emag_overrides or {}, w, m.family)
+    check_count("num_images", num_images, "images per prompt or class, --num-images")
+    plan = GenerationPlan(
+        folder=m.folder, model=m.name, family=m.family, preset=p, method=",".join(names), emag=emag,
+        terms=terms, term_params=[_describe(t) for t in terms], guidance_scale=w,
+        num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
+        seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
+        batching=batching, fast=fast,
+        resolved_emag=None if emag is None else resolve(emag, m.family, m.num_blocks).to_dict(),
+    )
+    check_count("num_inference_steps", plan.num_inference_steps, "the number of sampling steps, --steps")
+    if m.family.text_conditioned:
+        _plan_prompts(plan, m, prompts, negative_prompt, class_labels, height, width, sampler)
+    else:
+        _plan_classes(plan, m, prompts, negative_prompt, class_labels, height, width, sampler)
+    _check_terms(plan, m)
+    tokens = (plan.height // (m.vae_scale_factor * m.patch)) * (plan.width // (m.vae_scale_factor * m.patch))
+    plan.threads, plan.threads_reason = choose_threads(device, threads, transformer_parameters(m.folder), tokens)
+    return plan
 
+
+def _check_request(batching: str, dtype: str, device: str, guidance_scale: Any, seed: Any) -> None:
     if batching not in BATCHING:
         raise ValueError(f"Unknown batching {batching!r}; expected one of {BATCHING}.")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    if isinstance(class_labels, (str, int)):
-        class_labels = [class_labels]
-    if dtype not in DTYPES:
-        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {tuple(DTYPES)}.")
+    if dtype not in MODEL_DTYPES:
+        raise ValueError(f"Unknown dtype {dtype!r}; expected one of {MODEL_DTYPES}.")
     _check_device(device)
     if guidance_scale is not None and (isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float))
                                        or not math.isfinite(guidance_scale) or guidance_scale < 0):
@@ -151,159 +214,121 @@ def plan_generation(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not -2**63 <= seed < 2**63):
         raise ValueError(f"seed must be an integer in [-2^63, 2^63), got {seed!r}.")
 
+
+def _method_names(method: str, method_params: dict[str, dict[str, str]] | None) -> list[str]:
     names = [get_method(m).name for m in method.split(",") if m.strip()]
     if not names:
         raise ValueError("Give at least one guidance method, e.g. --method emag or --method cfg,pag.")
     if len(set(names)) != len(names):
         raise ValueError(f"A method is listed twice in {method!r}.")
-    method_params = {get_method(k).name: v for k, v in (method_params or {}).items()}
-    unused = set(method_params) - set(names)
+    unused = {get_method(k).name for k in (method_params or {})} - set(names)
     if unused:
         raise ValueError(f"--param given for {sorted(unused)} but --method is {','.join(names)}.")
-    bundled = model is None
-    if bundled:
-        from .digits import bundled_model_path
-
-        folder, model = bundled_model_path(), "bundled:digits"
-    else:
-        folder = locate_model(model, allow_download)
-    family = model_family(folder)
-    check_snapshot(folder)  # every listed component present, weights readable (headers only)
-    p = get_preset(preset or ("digits" if bundled else DEFAULT_PRESET[family]))
-    if p.family != family:
-        raise ValueError(f"Preset {p.name!r} is for {p.family.upper()} models but {model} is a {family.upper()} model.")
-    tcfg = read_component_config(folder, "transformer")
-    cls_name = transformer_class_name(tcfg)
-    n_blocks = int(tcfg.get("num_layers", 0))
-    w = p.guidance_scale if guidance_scale is None else guidance_scale
-    terms, emag, resolved = _build_terms(names, method_params, p, emag_overrides or {}, w, family, n_blocks, cls_name)
-    from .pipelines._guided import with_defaults
-
-    terms = with_defaults(terms, family, w)  # recorded as they run (CFG's scale, APG's backbone defaults)
-    from .pipelines._inputs import check_count
-
-    check_count("num_images", num_images, "images per prompt or class, --num-images")
-    vsf = _vae_scale_factor(folder)
-    patch = int(tcfg.get("patch_size", 2))
-    sample = int(tcfg.get("sample_size", 64))
-    plan = GenerationPlan(
-        folder=folder, model=str(model), family=family, preset=p, method=",".join(names), emag=emag,
-        terms=terms, term_params=[_describe(t) for t in terms], guidance_scale=w,
-        num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
-        seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
-        batching=batching, fast=fast, resolved_emag=resolved,
-    )
-    check_count("num_inference_steps", plan.num_inference_steps, "the number of sampling steps, --steps")
-    if family == "sd3":
-        if not prompts:
-            raise ValueError("An SD3 model needs at least one --prompt.")
-        for text, what in [(t, "prompt") for t in prompts] + [(negative_prompt, "negative prompt")]:
-            if not isinstance(text, str) and not (what == "negative prompt" and text is None):
-                raise ValueError(f"Each {what} (--{what.replace(' ', '-')}) must be one text string, got {text!r}.")
-        if class_labels:
-            raise ValueError("Class labels are for class-conditional (DiT) models; SD3 takes --prompt.")
-        encoder = read_model_index(folder).get("text_encoder")
-        if not encoder or encoder[0] is None:
-            raise ValueError(f"{model} has no text encoders saved; it cannot encode prompts.")
-        native = sample * vsf
-        plan.height = native if height is None else height
-        plan.width = native if width is None else width
-        mult = vsf * patch
-        max_latent = int(tcfg.get("pos_embed_max_size") or sample) * patch
-        for name, v in (("height", plan.height), ("width", plan.width)):
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % mult:
-                raise ValueError(f"{name}={v!r}: must be a positive multiple of {mult} (pixels) for this model.")
-            if v // vsf > max_latent:
-                raise ValueError(f"{name}={v}: larger than this model's positional embedding allows ({max_latent * vsf}).")
-        plan.prompts, plan.negative_prompt = list(prompts), negative_prompt
-        if sampler not in (None, "default"):
-            raise ValueError("SD3 uses its flow-matching Euler scheduler: --sampler only applies to DiT.")
-    else:
-        if prompts:
-            raise ValueError("A DiT model is class-conditional: give --class-label, not --prompt.")
-        if negative_prompt is not None:
-            raise ValueError("A DiT model has no text condition: --negative-prompt applies to SD3 only.")
-        if not class_labels and bundled:
-            class_labels = [str(i) for i in range(10)]  # the bundled digits: one row per class
-        if not class_labels:
-            raise ValueError("A DiT model needs at least one --class-label (an id or a class name).")
-        native = sample * vsf
-        for name, v in (("height", height), ("width", width)):
-            if v is not None and v != native:
-                raise ValueError(f"{name}={v}: this DiT model only generates {native}x{native} images.")
-        plan.height = plan.width = native
-        num_classes = int(tcfg.get("num_embeds_ada_norm") or 1000)
-        plan.class_labels = _resolve_labels(folder, [str(c) for c in class_labels], num_classes)
-        plan.sampler = sampler or ("ddpm-250" if p.num_inference_steps == 250 else "default")
-        if plan.sampler not in SAMPLERS:
-            raise ValueError(f"Unknown sampler {plan.sampler!r}; expected one of {SAMPLERS}.")
-    _check_terms(plan, tcfg, cls_name, n_blocks)
-    tokens = (plan.height // (vsf * patch)) * (plan.width // (vsf * patch))
-    plan.threads, plan.threads_reason = choose_threads(device, threads, transformer_parameters(folder), tokens)
-    return plan
+    return names
 
 
-def _check_terms(plan: GenerationPlan, tcfg: dict[str, Any], cls_name: str, n_blocks: int) -> None:
-    """Build every term's per-call runtime against the model's shape and the schedule, as the pipeline
-    will: windows that select no step, methods the model family cannot take, too many base terms and
-    guided channels beyond the model's are reported before any weights are loaded."""
-    from .guidance.base import Setup
-    from .pipelines._guided import check_distinct, guided_channels_of, uses_uncond
-    from .plumbing.architectures import ARCHITECTURES
-
-    arch = ARCHITECTURES.get(cls_name)
-    if arch is None:
-        raise ValueError(f"emag does not support the transformer class {cls_name}; supported: {', '.join(ARCHITECTURES)}.")
-    channels = int(tcfg.get("in_channels", 4))
-    guided = guided_channels_of(plan.terms, channels, plan.family)
-    steps = plan.num_inference_steps
-    emags = [t for t in plan.terms if isinstance(t, EMAG)]
-    if plan.family == "dit":  # as the pipelines decide it
-        kept = any(e.combination == "nested" and not e.cond_only_score for e in emags)
-    else:
-        kept = plan.guidance_scale > 1 and any(e.combination == "emag_only" and not e.cond_only_score for e in emags)
-    setup = Setup(family=plan.family, arch=arch, num_blocks=n_blocks, num_steps=steps, batch_size=1,
-                  prediction="flow" if plan.family == "sd3" else "epsilon", guided_channels=guided,
-                  uses_uncond=uses_uncond(plan.terms) or kept, fast=plan.fast)
-    check_distinct([t.runtime(setup) for t in plan.terms])
+def _default_preset(family: ModelFamily) -> str:
+    """The family's first preset (the paper's settings for its reference model)."""
+    return next(name for name, p in PRESETS.items() if p.family is family)
 
 
-def _build_terms(names, method_params, preset, emag_overrides, cfg_scale, family, n_blocks, cls_name):
+def _plan_prompts(plan: GenerationPlan, m: ModelFacts, prompts, negative_prompt, class_labels, height, width,
+                  sampler) -> None:
+    """A text-conditioned model: prompts, and an image size its positional embedding takes."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise ValueError(f"An {m.family.label} model needs at least one --prompt.")
+    for text, what in [(t, "prompt") for t in prompts] + [(negative_prompt, "negative prompt")]:
+        if not isinstance(text, str) and not (what == "negative prompt" and text is None):
+            raise ValueError(f"Each {what} (--{what.replace(' ', '-')}) must be one text string, got {text!r}.")
+    if class_labels:
+        raise ValueError(f"Class labels are for class-conditional models; {m.family.label} takes --prompt.")
+    encoder = read_model_index(m.folder).get("text_encoder")
+    if not encoder or encoder[0] is None:
+        raise ValueError(f"{m.name} has no text encoders saved; it cannot encode prompts.")
+    plan.height = m.native_size if height is None else height
+    plan.width = m.native_size if width is None else width
+    mult, vsf = m.vae_scale_factor * m.patch, m.vae_scale_factor
+    max_latent = int(m.transformer.get("pos_embed_max_size") or m.transformer.get("sample_size", 64)) * m.patch
+    for name, v in (("height", plan.height), ("width", plan.width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % mult:
+            raise ValueError(f"{name}={v!r}: must be a positive multiple of {mult} (pixels) for this model.")
+        if v // vsf > max_latent:
+            raise ValueError(f"{name}={v}: larger than this model's positional embedding allows ({max_latent * vsf}).")
+    plan.prompts, plan.negative_prompt = list(prompts), negative_prompt
+    plan.sampler = _sampler(m.family, sampler, plan.preset)
+
+
+def _plan_classes(plan: GenerationPlan, m: ModelFacts, prompts, negative_prompt, class_labels, height, width,
+                  sampler) -> None:
+    """A class-conditional model: class ids (names resolved, the null class explicit) at its one size."""
+    if isinstance(class_labels, (str, int)):
+        class_labels = [class_labels]
+    if prompts:
+        raise ValueError(f"A {m.family.label} model is class-conditional: give --class-label, not --prompt.")
+    if negative_prompt is not None:
+        raise ValueError(f"A {m.family.label} model has no text condition: --negative-prompt applies to "
+                         "text-conditioned models only.")
+    if not class_labels and m.bundled:
+        class_labels = [str(i) for i in range(10)]  # the bundled digits: one row per class
+    if not class_labels:
+        raise ValueError(f"A {m.family.label} model needs at least one --class-label (an id or a class name).")
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and v != m.native_size:
+            raise ValueError(f"{name}={v}: this {m.family.label} model only generates {m.native_size}x{m.native_size} "
+                             "images.")
+    plan.height = plan.width = m.native_size
+    num_classes = int(m.transformer.get("num_embeds_ada_norm") or 1000)
+    plan.class_labels = _resolve_labels(m.folder, [str(c) for c in class_labels], num_classes)
+    plan.sampler = _sampler(m.family, sampler, plan.preset)
+
+
+def _sampler(family: ModelFamily, sampler: str | None, preset: Preset) -> str:
+    """The sampler: the model's own scheduler (``"default"``) or the reference sampler its family offers
+    (DiT: ``"ddpm-250"``, which the 250-step presets use)."""
+    offered = ("default", *family.samplers)
+    if sampler is None:
+        return "ddpm-250" if "ddpm-250" in offered and preset.num_inference_steps == 250 else "default"
+    if sampler not in offered:
+        raise ValueError(f"Unknown sampler {sampler!r} for {family.label} models; expected one of {offered}.")
+    return sampler
+
+
+def _check_terms(plan: GenerationPlan, m: ModelFacts) -> None:
+    """Build every term's per-call runtime against the model's shape, as the pipeline will (the same
+    functions decide): methods the model family cannot take, layers it does not have, a term twice, two
+    CFG-like terms and guided channels beyond the model's are reported before any weights are loaded."""
+    guided_channels_of(plan.terms, m.family, int(m.transformer.get("in_channels", 4)))
+    setup = Setup(family=m.family, num_blocks=m.num_blocks, num_steps=plan.num_inference_steps, batch_size=1,
+                  uses_uncond=uses_uncond(plan.terms, m.family, plan.guidance_scale), fast=plan.fast)
+    make_runtimes(plan.terms, setup)
+
+
+def _build_terms(names: list[str], method_params: dict, preset: Preset, emag_overrides: dict[str, Any],
+                 cfg_scale: float, family: ModelFamily) -> tuple[list[GuidanceConfig], EMAG | None]:
     """Guidance terms from method names: ``emag`` takes the preset and the EMAG options; ``cfg`` takes
-    ``--cfg``; EMAG without a CFG-like term gets the preset's CFG (the paper's pairing) unless its
-    combination is ``emag_only``."""
-    from .guidance.registry import build_term
-    from .layers import check_layers_in_range
-
-    terms, emag, resolved = [], None, None
+    ``--cfg``; EMAG without a CFG-like term comes with ``CFG(--cfg)`` (the paper's pairing, as a pipeline's
+    ``emag=`` argument) unless its combination is ``emag_only``. Defaults are written in as they run."""
+    params = {get_method(k).name: v for k, v in method_params.items()}
+    terms, emag = [], None
     for name in names:
-        params = method_params.get(name, {})
         if name == "emag":
-            emag = build_term("emag", params, replace(preset.emag, **emag_overrides))
-            resolved = resolve(emag, family, n_blocks, cls_name).to_dict()
-            term = emag
+            emag = build_term("emag", params.get(name, {}), replace(preset.emag, **emag_overrides))
+            terms.append(emag)
         elif name == "cfg":
-            term = build_term("cfg", {"scale": str(cfg_scale), **params})
+            terms.append(build_term("cfg", {"scale": str(cfg_scale), **params.get(name, {})}))
         elif name == "autoguidance":
             raise ValueError("Autoguidance needs a weak model; use the Python API (emag.Autoguidance(model=...)).")
         else:
-            term = build_term(name, params)
-        layers = getattr(term, "layers", None)
-        if layers is not None and name != "emag":
-            check_layers_in_range(layers, n_blocks, cls_name)
-        terms.append(term)
-    if emag is not None and emag.combination != "emag_only" and not any(n in BASE_KINDS for n in names):
-        from .guidance.cfg import CFG
-
-        terms.insert(0, CFG(cfg_scale))
+            terms.append(build_term(name, params.get(name, {})))
     if emag_overrides and emag is None:
         raise ValueError("EMAG options (--scale, --layers, ...) were given but --method does not include emag.")
-    return terms, emag, resolved
+    terms = with_paired_cfg(terms, cfg_scale, family)
+    return with_defaults(terms, family, cfg_scale), emag
 
 
 def _describe(term) -> dict[str, Any]:
-    import dataclasses
-
     out = {"method": type(term).__name__}
     for f in dataclasses.fields(term):
         if f.name.startswith("_") or f.name == "preset_name":
@@ -314,15 +339,8 @@ def _describe(term) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    import diffusers
-
-    from . import __version__
-
     return {"emag": __version__, "diffusers": diffusers.__version__, "torch": torch.__version__,
             "python": platform.python_version()}
-
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _check_device(device: str) -> None:
@@ -342,7 +360,7 @@ def job_params(plan: GenerationPlan, index: int) -> dict[str, Any]:
     """Every parameter of job ``index`` (what its PNG records), before it runs."""
     job = plan.jobs[index]
     return {
-        "model": plan.model, "family": plan.family, "method": plan.method, "preset": plan.preset.name,
+        "model": plan.model, "family": plan.family.name, "method": plan.method, "preset": plan.preset.name,
         "condition": job["condition"], "negative_prompt": plan.negative_prompt, "seed": plan.seed + index,
         "steps": plan.num_inference_steps, "guidance_scale": plan.guidance_scale,
         "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
@@ -368,8 +386,6 @@ def finished_image(path: Path, params: dict[str, Any]):
     there is none; ``ValueError`` if it was made with other parameters (finished work is never
     overwritten silently). The PNG is written last (it marks a finished image): a sidecar that an
     interruption left missing, unreadable or different is rewritten from the PNG's parameters."""
-    from .io import read_png_params, repair_sidecar
-
     if not path.exists():
         return None
     try:
@@ -380,8 +396,6 @@ def finished_image(path: Path, params: dict[str, Any]):
         raise ValueError(f"{path} exists and was made with other parameters; use another --out folder or "
                          "--overwrite.")
     repair_sidecar(path, stored)
-    from PIL import Image
-
     with Image.open(path) as im:
         return im.copy()
 
@@ -413,10 +427,7 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
     """Yield ``(index, PIL image, params, resumed)`` for every job, loading the pipeline (unless given)
     only if some job has to run. With ``out_dir``, a job whose image is already there with the same
     parameters is not run again (``resumed`` True): an interrupted run picks up where it stopped."""
-    from .loading import load_pipeline
-    from .schedulers import dit_reference_scheduler
-
-    dtype = DTYPES[plan.dtype]
+    dtype = FLOAT_DTYPES[plan.dtype]
     ready = False
     for index, job in enumerate(plan.jobs):
         params = job_params(plan, index)
@@ -431,21 +442,21 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
                     pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
                 if len(plan.jobs) > 1:
                     pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
-                if plan.family == "dit" and plan.sampler == "ddpm-250":
+                if plan.sampler == "ddpm-250":  # the reference DDPM sampler (DiT)
                     pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
                 ready = True
             generator = torch.Generator(device="cpu").manual_seed(params["seed"])
             common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
                           generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
-            if plan.family == "sd3":
+            if plan.family.text_conditioned:
                 out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
                            width=plan.width, **common)
             else:
                 out = pipe(class_labels=[job["condition"]], **common)  # noise layout: the pipeline's default
-        state = next((r.state for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
-        if state is not None and state.storage is not None and params["emag"] is not None:
-            params["emag"] = {**params["emag"], "ema_storage_used": state.storage}  # what "auto" chose
+        emag_run = next((r for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
+        if emag_run is not None and params["emag"] is not None:
+            params["emag"] = {**params["emag"], **emag_run.run_record()}  # e.g. the storage "auto" chose
         yield index, out.images[0], params, False
 
 
-__all__ = ["PRESETS", "GenerationPlan", "check_output_folder", "finished_image", "generate", "job_params", "output_path", "plan_generation"]
+__all__ = ["GenerationPlan", "check_output_folder", "finished_image", "generate", "job_params", "output_path", "plan_generation"]

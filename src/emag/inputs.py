@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from .._warnings import warn as _warn
+from ._warnings import warn as _warn
+from .engine import BATCHING, COMBINE_SPACES
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -36,8 +37,6 @@ def check_count(name: str, value: Any, what: str) -> int:
 
 
 def check_options(batching: Any, combine_space: Any, fast: Any) -> None:
-    from ..engine import BATCHING, COMBINE_SPACES
-
     if not isinstance(fast, bool):
         raise TypeError(f"`fast` must be True (the exact fast path) or False (the reference's pass layout), got "
                         f"{fast!r}.")

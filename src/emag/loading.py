@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.constants import is_offline_mode
+from huggingface_hub.utils import validate_repo_id
+from safetensors import safe_open
 
-PIPELINE_FAMILIES = {
-    "StableDiffusion3Pipeline": "sd3",
-    "StableDiffusion3EMAGPipeline": "sd3",
-    "DiTPipeline": "dit",
-    "DiTEMAGPipeline": "dit",
-}
+from .families import FAMILIES, ModelFamily, family_of_pipeline, family_of_transformer_config, hub_models
 
 
 class MissingWeightsError(FileNotFoundError):
@@ -37,8 +36,6 @@ def looks_like_hub_id(model) -> bool:
     text = str(model)
     if text.count("/") != 1 or text.startswith((".", "/", "~")) or "\\" in text:
         return False
-    from huggingface_hub.utils import validate_repo_id
-
     try:
         validate_repo_id(text)
     except Exception:  # noqa: BLE001 - HFValidationError
@@ -47,10 +44,9 @@ def looks_like_hub_id(model) -> bool:
 
 
 def known_hub_id(model) -> str | None:
-    """The hub id of a model emag knows (``presets.HUB_MODELS``) that ``model`` names: the id itself, or a
-    folder named like it (``./models/DiT-XL-2-256`` -> ``facebook/DiT-XL-2-256``)."""
-    from .presets import HUB_MODELS
-
+    """The hub id of a model emag knows (the families' ``hub_models``) that ``model`` names: the id itself, or
+    a folder named like it (``./models/DiT-XL-2-256`` -> ``facebook/DiT-XL-2-256``)."""
+    HUB_MODELS = hub_models()
     text = os.fspath(model) if isinstance(model, os.PathLike) else str(model)
     if text in HUB_MODELS:
         return text
@@ -99,8 +95,7 @@ def missing_model_message(model, *, api: str | None = None, failure: BaseExcepti
         lines.append(f"{what} {repo or text} {'failed' if cached else 'from the hub was attempted and failed'}: "
                      f"{_reason(failure)}")
     if repo is None:
-        from .presets import HUB_MODELS
-
+        HUB_MODELS = hub_models()
         takes = "--model takes" if api is None else f"{api}.from_pretrained takes"
         example = next(iter(HUB_MODELS))
         gated = [m for m, g in HUB_MODELS.items() if g]
@@ -114,8 +109,7 @@ def missing_model_message(model, *, api: str | None = None, failure: BaseExcepti
         else:
             lines.append(f"Then {api}.from_pretrained('<that folder>').")
         return "\n".join(lines)
-    from .presets import HUB_MODELS
-
+    HUB_MODELS = hub_models()
     lines += ["Download it first:" if failure is None else "Download it again:" if cached else
               "Download it yourself once that is fixed:",
               f"    hf download {repo} --local-dir {shlex.quote(folder)}"]
@@ -155,8 +149,6 @@ def locate_model(model: str | os.PathLike, allow_download: bool = False) -> Path
         repo = known_hub_id(model)
         if not (allow_download and repo):
             raise MissingWeightsError(missing_model_message(model))
-        from huggingface_hub import snapshot_download
-
         try:
             snapshot_download(repo, local_dir=str(path))
         except Exception as exc:  # noqa: BLE001 - offline, gated, not logged in, connection errors, ...
@@ -164,8 +156,6 @@ def locate_model(model: str | os.PathLike, allow_download: bool = False) -> Path
         if error is not None:
             raise error
         return locate_model(path)
-    from huggingface_hub import snapshot_download
-
     try:
         return Path(snapshot_download(str(model), local_files_only=not allow_download))
     except Exception as exc:  # noqa: BLE001 - LocalEntryNotFoundError, GatedRepoError, connection errors, ...
@@ -185,15 +175,15 @@ def read_model_index(folder: Path) -> dict[str, Any]:
     return index
 
 
-def model_family(folder: Path) -> str:
-    """``"sd3"`` or ``"dit"`` from the pipeline class recorded in ``model_index.json``."""
+def model_family(folder: Path) -> ModelFamily:
+    """The model family of the pipeline class recorded in ``model_index.json``."""
     name = read_model_index(folder).get("_class_name", "?")
-    if name not in PIPELINE_FAMILIES:
-        raise ValueError(
-            f"{folder} holds a {name}; emag supports {', '.join(sorted(set(PIPELINE_FAMILIES)))} "
-            "(Stable Diffusion 3 / 3.5 and DiT)."
-        )
-    return PIPELINE_FAMILIES[name]
+    family = family_of_pipeline(name)
+    if family is None:
+        known = sorted(c for f in FAMILIES.values() for c in f.pipeline_classes)
+        raise ValueError(f"{folder} holds a {name}; emag supports {', '.join(known)} "
+                         f"({', '.join(f.label for f in FAMILIES.values())}).")
+    return family
 
 
 def read_component_config(folder: Path, component: str) -> dict[str, Any]:
@@ -226,8 +216,6 @@ _WEIGHTED = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encod
 
 def _check_safetensors(path: Path) -> None:
     """Read a safetensors file's header only (cheap): a truncated or foreign file fails here."""
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
@@ -237,41 +225,26 @@ def _check_safetensors(path: Path) -> None:
     del keys
 
 
-# the transformer classes each pipeline family loads (diffusers' own names)
-TRANSFORMER_FAMILIES = {"SD3Transformer2DModel": "sd3", "DiTTransformer2DModel": "dit"}
-
-
-def transformer_class_name(config: dict[str, Any]) -> str:
-    """The class diffusers loads for a transformer config: its ``_class_name``, with diffusers' remapping of
-    the legacy ``Transformer2DModel`` (the hub's DiT folders: ``norm_type="ada_norm_zero"`` is a DiT)."""
-    name = str(config.get("_class_name", "?"))
-    if name == "Transformer2DModel" and config.get("norm_type") == "ada_norm_zero":
-        return "DiTTransformer2DModel"
-    return name
-
-
 def check_transformer_family(folder: Path, index: dict[str, Any] | None = None) -> None:
     """The transformer saved in ``folder`` is one the pipeline named in ``model_index.json`` loads (an SD3
     transformer under a DiT index fails only after loading the weights otherwise). Reads JSON only."""
     index = read_model_index(folder) if index is None else index
-    family = PIPELINE_FAMILIES.get(index.get("_class_name"))
+    family = family_of_pipeline(index.get("_class_name"))
     cfg = folder / "transformer" / "config.json"
     if family is None or not cfg.is_file():
         return  # model_family / the component checks name these
     try:
         with open(cfg) as f:
-            name = transformer_class_name(json.load(f))
+            config = json.load(f)
+        found = family_of_transformer_config(config)
     except (json.JSONDecodeError, AttributeError) as exc:
         raise ValueError(f"{cfg} is not a valid transformer config ({exc}).") from None
-    found = TRANSFORMER_FAMILIES.get(name)
-    if found != family:
-        shown = {"sd3": "SD3", "dit": "DiT"}
-        expected = next(k for k, v in TRANSFORMER_FAMILIES.items() if v == family)
-        holds = f"the transformer of {shown[found]} pipelines" if found else "a transformer emag does not support"
-        raise ValueError(f"{folder}: model_index.json names a {index['_class_name']} ({shown[family]}), but "
-                         f"transformer/config.json holds a {name}, {holds} (a {shown[family]} pipeline needs a "
-                         f"{expected}). The folder mixes two models: download the model again, or fix "
-                         "model_index.json.")
+    if found is not family:
+        holds = f"the transformer of {found.label} pipelines" if found else "a transformer emag does not support"
+        raise ValueError(f"{folder}: model_index.json names a {index['_class_name']} ({family.label}), but "
+                         f"transformer/config.json holds a {config.get('_class_name')}, {holds} (a {family.label} "
+                         f"pipeline needs a {family.transformer_class}). The folder mixes two models: download the "
+                         "model again, or fix model_index.json.")
 
 
 def check_snapshot(folder: Path) -> None:
@@ -313,7 +286,7 @@ def absent_components(cls, folder: Path) -> dict[str, None]:
     return {name: None for name in cls._get_signature_keys(cls)[0] if not index.get(name) or index[name][0] is None}
 
 
-def checked_local_folder(cls, model, family: str) -> Path | None:
+def checked_local_folder(cls, model, family: ModelFamily) -> Path | None:
     """For ``from_pretrained``: the local pipeline folder ``model`` after the snapshot checks (its family
     must be ``family``), or None when ``model`` is not a local path (a hub id)."""
     path = Path(str(model)).expanduser()
@@ -321,14 +294,14 @@ def checked_local_folder(cls, model, family: str) -> Path | None:
         return None
     folder = locate_model(path)
     found = model_family(folder)
-    if found != family:
-        raise ValueError(f"{folder} holds a {found.upper()} pipeline; load it with the "
-                         f"{'StableDiffusion3EMAGPipeline' if found == 'sd3' else 'DiTEMAGPipeline'}.")
+    if found is not family:
+        raise ValueError(f"{folder} holds a {found.label} pipeline; load it with the "
+                         f"{found.pipeline.rpartition(':')[2]}.")
     check_snapshot(folder)
     return folder
 
 
-def from_pretrained_checked(cls, load, model, family: str, kwargs: dict[str, Any]):
+def from_pretrained_checked(cls, load, model, family: ModelFamily, kwargs: dict[str, Any]):
     """The body of the EMAG pipelines' ``from_pretrained`` (``load``: diffusers' ``from_pretrained``).
 
     A local folder is checked first (``checked_local_folder``; components saved as None are passed as
@@ -341,9 +314,6 @@ def from_pretrained_checked(cls, load, model, family: str, kwargs: dict[str, Any
         return load(str(folder), **{**absent_components(cls, folder), **kwargs})
     if not looks_like_hub_id(model):
         raise MissingWeightsError(missing_model_message(model, api=cls.__name__))
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import is_offline_mode
-
     offline = bool(kwargs.get("local_files_only")) or is_offline_mode()
     error = None
     if offline:
@@ -361,16 +331,15 @@ def from_pretrained_checked(cls, load, model, family: str, kwargs: dict[str, Any
     raise error
 
 
-def load_pipeline(folder: Path, family: str, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    from .pipelines import DiTEMAGPipeline, StableDiffusion3EMAGPipeline
-
-    cls = StableDiffusion3EMAGPipeline if family == "sd3" else DiTEMAGPipeline
+def load_pipeline(folder: Path, family: ModelFamily, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """This package's pipeline of ``family`` from a checked local folder, on ``device``."""
+    cls = family.pipeline_class()
     check_snapshot(folder)
     absent = absent_components(cls, folder)
     try:
         pipe = cls.from_pretrained(str(folder), dtype=dtype, **absent)
     except (OSError, ValueError, RuntimeError, NotImplementedError, KeyError) as exc:
-        raise ModelLoadError(f"Could not load the {family.upper()} pipeline in {folder}: {type(exc).__name__}: "
+        raise ModelLoadError(f"Could not load the {family.label} pipeline in {folder}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''} (is the snapshot complete and "
                              "are its components from one model?)") from exc
     return pipe.to(device)

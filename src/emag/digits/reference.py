@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from ..guidance.emag import EMAG
 from . import DEFAULT_EMAG_LAYERS, NUM_CLASSES
 
 PROTOCOL: dict[str, Any] = {
@@ -23,8 +24,6 @@ PROTOCOL: dict[str, Any] = {
 
 
 def protocol_emag(protocol: dict[str, Any] = PROTOCOL):
-    from ..config import EMAG
-
     e = protocol["emag"]
     return EMAG(scale=e["scale"], layers=list(e["layers"]), ema_window=tuple(e["ema_window"]),
                 apply_window=tuple(e["apply_window"]))

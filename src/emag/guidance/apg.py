@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..families import ModelFamily, family_named
 from ..math.combine import cfg
 from ..windows import StepContext
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
@@ -34,20 +35,13 @@ TARGETS = ("cfg", "pert", "both")
 THRESHOLD_MODES = ("absolute", "rms")
 SPACES = ("x0", "native")
 
-# Per-backbone defaults (``None`` fields of :class:`APG`), with where each number comes from.
-# SD3: the EMAG reference SD3 pipeline's APG settings (apg_scale 12, eta 0, norm_threshold 7.5,
-#      momentum -0.5), with the paper's reverse momentum (guidance-methods.md 2.2).
-# DiT: the EMAG reference DiT APG (norm_threshold 5, eta 0); its guidance scale is not recorded in our
-#      notes, so the scale defaults to the DiT preset's CFG scale 1.5 [unverified].
+# Per-family defaults (``None`` fields of :class:`APG`) are the model family's (:mod:`emag.families`,
+# where each number's source is given: the EMAG reference's SD3 and DiT APG settings).
 # Checked (2026-11, secondary sources quoting the paper; its Table 10 was not reachable offline): eta = 0
 # is the paper's recommendation; SDXL uses r = 15 and beta = -0.5 (diffusers PR 9626), EDM2-XL r = 2.5;
 # whether the paper has SD3 or DiT-XL/2 rows, and their values, was not found [unverified].
-# The RMS thresholds are the absolute ones divided by sqrt(numel) of the reference latent (SD3 1024 px:
-# 16 x 128 x 128; DiT 256 px: 4 x 32 x 32), i.e. the same clamp at the reference resolution.
-APG_DEFAULTS: dict[str, dict[str, float]] = {
-    "sd3": {"scale": 12.0, "norm_threshold": 7.5, "rms_threshold": 7.5 / math.sqrt(16 * 128 * 128)},
-    "dit": {"scale": 1.5, "norm_threshold": 5.0, "rms_threshold": 5.0 / math.sqrt(4 * 32 * 32)},
-}
+# The RMS thresholds are the absolute ones divided by sqrt(numel) of the reference latent, i.e. the same
+# clamp at the reference resolution.
 
 
 #----------------------------------------------------------------------------
@@ -153,6 +147,8 @@ class APG(GuidanceConfig):
     guided channels (DiT's 3-of-4 convention).
     """
 
+    is_base = True
+
     scale: float | None = None
     eta: float = 0.0
     momentum: float = -0.5
@@ -179,15 +175,16 @@ class APG(GuidanceConfig):
         window_of(self.window)
         check_rescale(self.rescale, self.rescale_space)
 
-    def needs_negative(self) -> bool:
+    def uses_uncond(self, family: ModelFamily, guidance_scale: float) -> bool:
         """Whether the unconditional prediction can be needed (the CFG part is off at ``scale == 1``)."""
         return self.scale is None or self.scale != 1.0
 
-    def resolved(self, family: str) -> dict[str, float]:
-        """``scale`` and ``norm_threshold`` with the backbone defaults filled in."""
-        d = APG_DEFAULTS.get(family)
+    def resolved(self, family: ModelFamily | str) -> dict[str, float]:
+        """``scale`` and ``norm_threshold`` with the model family's (or its name's) defaults filled in."""
+        family = family_named(family)
+        d = family.defaults.get("apg")
         if d is None and (self.scale is None or self.norm_threshold is None):
-            raise ValueError(f"APG has no defaults for model family {family!r}; pass `scale` and `norm_threshold`.")
+            raise ValueError(f"APG has no defaults for {family.label} models; pass `scale` and `norm_threshold`.")
         scale = self.scale if self.scale is not None else d["scale"]
         if self.norm_threshold is not None:
             r = self.norm_threshold
@@ -195,8 +192,8 @@ class APG(GuidanceConfig):
             r = d["rms_threshold"] if self.threshold_mode == "rms" else d["norm_threshold"]
         return {"scale": float(scale), "norm_threshold": float(r)}
 
-    def with_defaults(self, family: str, guidance_scale: float | None = None) -> "APG":
-        """This config with the backbone's defaults written into ``scale`` and ``norm_threshold`` (what
+    def with_defaults(self, family: ModelFamily, guidance_scale: float | None = None) -> "APG":
+        """This config with the model family's defaults written into ``scale`` and ``norm_threshold`` (what
         the run's metadata records)."""
         return dataclasses.replace(self, **self.resolved(family))
 

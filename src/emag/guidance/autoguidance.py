@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from ..plumbing.architectures import architecture_of
+from ..families import family_of
 from ..windows import StepContext
 from .base import Branch, GuidanceConfig, Setup, TermRuntime, window_of
 from .perturbation import WeakGuidanceRuntime, check_weak_scale
@@ -51,14 +51,14 @@ class Autoguidance(GuidanceConfig):
             raise ValueError("Autoguidance needs the weak network: Autoguidance(scale, model=<weak transformer>).")
         if not isinstance(self.model, nn.Module):
             raise TypeError(f"Autoguidance `model` must be a transformer module, got {type(self.model).__name__}.")
-        architecture_of(self.model)  # a supported family, or a clear error
+        family_of(self.model)  # a supported family, or a clear error
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        family = architecture_of(self.model).family
+        family = family_of(self.model)
         if family != setup.family:
-            raise ValueError(f"Autoguidance: the weak model is a {family.upper()} transformer but the pipeline's is "
-                             f"{setup.family.upper()}; use a weak model of the same family.")
+            raise ValueError(f"Autoguidance: the weak model is a {family.label} transformer but the pipeline's is "
+                             f"{setup.family.label}; use a weak model of the same family.")
         return AutoguidanceRuntime(self, window_of(self.window), setup)
 
 
@@ -70,7 +70,7 @@ class AutoguidanceRuntime(WeakGuidanceRuntime):
         return {WEAK_MODEL_NAME: self.config.model}
 
     def make_branch(self, ctx: StepContext) -> Branch:
-        return Branch(self.branch_name, "cond", stage=0, model=WEAK_MODEL_NAME)
+        return Branch(self.branch_name, "cond", model=WEAK_MODEL_NAME)
 
     def describe(self) -> dict:
         m = self.config.model

@@ -1,4 +1,4 @@
-"""The composition contract every guidance method follows (guidance-methods.md section 11).
+"""The composition contract every guidance method follows (docs/guidance-methods.md, composition).
 
 A method is a small frozen **config** dataclass (what the user writes: ``PAG(3.0, layers=[13])``) whose
 ``runtime(setup)`` builds a **runtime** owning the per-call state (EMA, momentum buffers, RNGs). At
@@ -24,6 +24,7 @@ from typing import Any
 
 from torch import Tensor
 
+from ..families import ModelFamily
 from ..plumbing.edits import AttentionEdit, BlockEdit
 from ..windows import AllSteps, SigmaInterval, StepContext, StepWindow, Window, as_window
 
@@ -49,14 +50,12 @@ def window_of(value: Any, what: str = "window") -> StepWindow:
 
 @dataclass
 class Branch:
-    """One extra prediction a term needs this step.
+    """One extra prediction a term needs at one stage of a step.
 
-    ``condition`` is ``"cond"`` or ``"uncond"``; ``stage`` orders evaluation (a stage may depend on
-    the outputs of earlier ones, e.g. SAG's degraded input); ``attention`` / ``blocks`` are the edits
-    on this branch's rows, keyed by block index, or a callable returning them at evaluation time
-    (EMAG chooses its block only then); ``model`` selects a separate network (autoguidance);
-    ``make_input(outputs, x_t)`` builds the branch's input from earlier outputs and the step's input
-    (default: ``x_t`` itself).
+    ``condition`` is ``"cond"`` or ``"uncond"`` (or a weakened text condition's name); ``attention`` /
+    ``blocks`` are the edits on this branch's rows, keyed by block index; ``model`` selects a separate
+    network (autoguidance); ``make_input(outputs, x_t)`` builds the branch's input from the outputs of
+    earlier stages and the step's input (default: ``x_t`` itself).
 
     Suffix execution (exact, used by EMAG's fast path): a branch with ``start_block = k > 0`` resumes
     from the hidden states the normal branch ``source`` had when entering block ``k`` in this step's
@@ -67,35 +66,23 @@ class Branch:
 
     name: str
     condition: str = "cond"
-    stage: int = 0
-    attention: dict[int, list[AttentionEdit]] | Callable[[], dict[int, list[AttentionEdit]]] = field(default_factory=dict)
-    blocks: dict[int, list[BlockEdit]] | Callable[[], dict[int, list[BlockEdit]]] = field(default_factory=dict)
+    attention: dict[int, list[AttentionEdit]] = field(default_factory=dict)
+    blocks: dict[int, list[BlockEdit]] = field(default_factory=dict)
     model: str = "main"
     make_input: Callable[[dict[str, Tensor], Tensor], Tensor] | None = None
-    start_block: int | Callable[[], int] = 0
+    start_block: int = 0
     source: str | None = None
     keep_until: int | None = None
-
-    def resolved_start(self) -> int:
-        return int(self.start_block() if callable(self.start_block) else self.start_block)
-
-    def resolved_edits(self) -> tuple[dict, dict]:
-        att = self.attention() if callable(self.attention) else self.attention
-        blk = self.blocks() if callable(self.blocks) else self.blocks
-        return att, blk
 
 
 @dataclass
 class Setup:
     """What a runtime may need to know about the call, fixed before the first step."""
 
-    family: str  # "sd3" | "dit"
-    arch: Any
+    family: ModelFamily
     num_blocks: int
     num_steps: int
     batch_size: int
-    prediction: str  # "flow" | "epsilon"
-    guided_channels: int
     device: Any = None
     dtype: Any = None
     models: dict[str, Any] = field(default_factory=dict)
@@ -132,7 +119,9 @@ class TermRuntime:
         predictions, e.g. CFG-Zero*'s zero-init: when it is the only active term, no model pass runs."""
         return False
 
-    def branches(self, ctx: StepContext) -> list[Branch]:
+    def branches(self, ctx: StepContext, stage: int) -> list[Branch]:
+        """The extra branches of ``stage``: 0 (evaluated with the normal branches, from ``x_t``) or 1 (after
+        them: inputs or decisions that depend on stage 0's outputs)."""
         return []
 
     def shared_edits(self, ctx: StepContext, branch: str) -> tuple[dict[int, list[AttentionEdit]], dict[int, list[BlockEdit]]]:
@@ -146,6 +135,11 @@ class TermRuntime:
         """Blocks whose entering hidden states this term's suffix branches resume from this step."""
         return set()
 
+    def branch_key(self) -> str | None:
+        """What this term's extra branches are named after: two terms with the same key would evaluate the
+        same branches (e.g. two PAGs on the same layers)."""
+        return getattr(self, "branch_name", None)
+
     def extra_models(self) -> dict[str, Any]:
         """Separate networks this term evaluates branches with (``Branch.model`` names), e.g. the weak
         model of autoguidance. The pipeline wraps each in the same backbone as the main model."""
@@ -154,8 +148,17 @@ class TermRuntime:
     def block_layers(self) -> set[int]:
         return set()
 
-    def before_stage(self, stage: int, ctx: StepContext, outputs: dict[str, Tensor]) -> None:
-        """Called before the forward passes of ``stage`` (EMAG's DiT protocol selects its block here)."""
+    def begin_call(self, geometry: Any) -> None:
+        """Once, before the call's first pass: decisions that depend on the call's shapes (``geometry``:
+        the attention's :class:`~emag.families.base.AttentionGeometry`; EMAG chooses its EMA storage)."""
+
+    def decide(self, stage: int, ctx: StepContext, outputs: dict[str, Tensor]) -> None:
+        """The term's decisions before the passes of ``stage`` of this step (``outputs``: the predictions
+        of the earlier stages), e.g. EMAG's block choice; :meth:`branches` then describes the result."""
+
+    def run_record(self) -> dict[str, Any]:
+        """What the term decided at run time, for the run's metadata."""
+        return {}
 
     # -- combination (inputs are in this term's space; ``p`` maps branch name -> prediction) ----------
     def refine(self, c: Tensor, p: dict[str, Tensor], ctx: StepContext) -> Tensor:
@@ -208,10 +211,43 @@ class TermRuntime:
 
 
 class GuidanceConfig:
-    """Marker base for the user-facing config dataclasses; subclasses implement ``runtime``."""
+    """Base of the user-facing config dataclasses. Subclasses implement ``runtime``; the other methods
+    declare what the call needs from the term, and :mod:`emag.guidance.call` decides the call from
+    them (the pipelines and the command line's plan both ask it)."""
+
+    is_base = False  # a CFG-like term (CFG, APG, CFG-Zero*): at most one per call
 
     def runtime(self, setup: Setup) -> TermRuntime:  # pragma: no cover - interface
         raise NotImplementedError
+
+    def with_defaults(self, family: ModelFamily, guidance_scale: float | None) -> "GuidanceConfig":
+        """This config with its call- and family-dependent defaults written in (what runs, and what the
+        run's metadata records)."""
+        return self
+
+    def uses_uncond(self, family: ModelFamily, guidance_scale: float) -> bool:
+        """Whether the term can need the unconditional (negative) condition at some step of a call."""
+        return False
+
+    def text_conditions(self) -> list:
+        """Weakened text conditions its branches use (:class:`~emag.plumbing.text_weakening.TextWeakening`)."""
+        return []
+
+    def default_guided_channels(self, family: ModelFamily, channels: int) -> int | None:
+        """The latent channels the guided prediction replaces when no term says so explicitly (None: all)."""
+        return None
+
+    def call_defaults(self, family: ModelFamily) -> dict[str, Any]:
+        """Call settings the term's published numbers used, for arguments the caller leaves unset."""
+        return {}
+
+    def pairs_with_cfg(self, family: ModelFamily, guidance_scale: float) -> bool:
+        """Given through a pipeline's legacy ``emag=`` argument, whether ``CFG(guidance_scale)`` comes with it."""
+        return False
+
+    def noise_layout(self) -> str | None:
+        """The sampler row layout the term's reference used (``"doubled"`` or ``"samples"``), if any."""
+        return None
 
 
 __all__ = [

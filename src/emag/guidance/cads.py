@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..plumbing.backbones import ClassCondition, TextCondition
+from ..plumbing.conditions import ClassCondition, TextCondition
 from ..windows import StepContext
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 
@@ -136,12 +136,9 @@ class CADS(GuidanceConfig):
             raise TypeError(f"`seed` must be an int or None, got {self.seed!r}.")
         window_of(self.window)
 
-    def needs_negative(self) -> bool:
-        return False
-
     def runtime(self, setup: Setup) -> TermRuntime:
-        if setup.family not in ("sd3", "dit"):
-            raise ValueError(f"CADS supports SD3 text and DiT class conditions, not model family {setup.family!r}.")
+        if setup.family.conditioning not in ("text", "class"):
+            raise ValueError(f"CADS noises text or class conditions, not the {setup.family.label} model's.")
         return CADSRuntime(self, window_of(self.window))
 
 

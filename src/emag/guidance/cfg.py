@@ -81,6 +81,8 @@ class CFG(GuidanceConfig):
         guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT convention).
     """
 
+    is_base = True
+
     scale: float | None = None
     window: Any = None
     interval: tuple[float, float] | None = None
@@ -100,10 +102,10 @@ class CFG(GuidanceConfig):
         if self.guided_channels is not None and (not isinstance(self.guided_channels, int) or self.guided_channels < 1):
             raise ValueError(f"`guided_channels` must be a positive int or None, got {self.guided_channels!r}.")
 
-    def needs_negative(self) -> bool:
+    def uses_uncond(self, family: Any, guidance_scale: float) -> bool:
         return self.scale is None or self.scale != 1.0
 
-    def with_defaults(self, family: str, guidance_scale: float | None) -> "CFG":
+    def with_defaults(self, family: Any, guidance_scale: float | None) -> "CFG":
         """This config with ``scale=None`` resolved to the call's ``guidance_scale``."""
         if self.scale is not None:
             return self
@@ -153,6 +155,8 @@ class CFGZeroStar(GuidanceConfig):
     CFG-Zero* too).
     """
 
+    is_base = True
+
     scale: float = 4.0
     zero_init_steps: int = 1
     window: Any = None
@@ -169,10 +173,13 @@ class CFGZeroStar(GuidanceConfig):
             raise TypeError(f"`original_formulation` must be True or False, got {self.original_formulation!r}.")
         window_of(self.window)
 
+    def uses_uncond(self, family: Any, guidance_scale: float) -> bool:
+        return True
+
     def runtime(self, setup: Setup) -> TermRuntime:
-        if setup.prediction != "flow":
+        if setup.family.prediction != "flow":
             raise ValueError("CFG-Zero* is defined for flow-matching models (zero velocity); this model predicts "
-                             f"{setup.prediction}.")
+                             f"{setup.family.prediction}.")
         return CFGZeroStarRuntime(self, window_of(self.window))
 
 

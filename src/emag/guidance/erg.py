@@ -40,10 +40,9 @@ from ..windows import StepContext
 from .base import Branch, GuidanceConfig, Setup, TermRuntime, window_of
 from .perturbation import WeakGuidanceRuntime, check_weak_scale, resolve_layers
 
-# Five middle blocks around n/2 (SD3-Medium 10-14, DiT-XL/2 12-16). ACE-Step uses blocks 15-19 of its own
-# 24-block transformer; there is no published SD3 / DiT setting [unverified]: tune.
-DEFAULT_LAYERS = {"sd3": lambda n: tuple(range(n // 2 - 2, n // 2 + 3)),
-                  "dit": lambda n: tuple(range(n // 2 - 2, n // 2 + 3))}
+# Default layers (the model family's, emag.families): five middle blocks around n/2 (SD3-Medium 10-14,
+# DiT-XL/2 12-16). ACE-Step uses blocks 15-19 of its own 24-block transformer; there is no published SD3 /
+# DiT setting [unverified]: tune.
 CONDITIONS = ("cond", "uncond")
 QUERIES = ("image", "all")
 
@@ -130,7 +129,7 @@ class ERG(GuidanceConfig):
             object.__setattr__(self, "text_encoders", tuple(self.text_encoders))
         TextWeakening(self.condition, 1.0, self.text_depth, self.text_encoders)  # validates the depth band, names
 
-    def needs_negative(self) -> bool:
+    def uses_uncond(self, family: Any, guidance_scale: float) -> bool:
         return self.condition == "uncond"
 
     def text_conditions(self) -> list[TextWeakening]:
@@ -140,9 +139,9 @@ class ERG(GuidanceConfig):
         return [TextWeakening(self.condition, float(self.text_tau), self.text_depth, self.text_encoders)]
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        if self.text_tau is not None and setup.family != "sd3":
-            raise ValueError(f"ERG `text_tau` (C-ERG) weakens a text encoder; the {setup.family} model has none.")
-        layers = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "ERG")
+        if self.text_tau is not None and not setup.family.text_conditioned:
+            raise ValueError(f"ERG `text_tau` (C-ERG) weakens a text encoder; the {setup.family.label} model has none.")
+        layers = resolve_layers(self.layers, setup, "erg", "ERG")
         return ERGRuntime(self, window_of(self.window), layers, setup)
 
 
@@ -157,7 +156,7 @@ class ERGRuntime(WeakGuidanceRuntime):
     def make_branch(self, ctx: StepContext) -> Branch:
         edits = {l: [ScaleQueries(self.config.tau, self.config.queries)] for l in self.attention_layers()}
         texts = self.config.text_conditions()
-        return Branch(self.branch_name, texts[0].name if texts else self.config.condition, stage=0, attention=edits)
+        return Branch(self.branch_name, texts[0].name if texts else self.config.condition, attention=edits)
 
     def describe(self) -> dict:
         d = super().describe()

@@ -9,7 +9,6 @@ from ..layers import LayerSpec, parse_layers
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from .perturbation import IdentityAttention, PerturbationRuntime, resolve_layers
 
-DEFAULT_LAYERS = {"sd3": (13,), "dit": lambda n: (n // 2,)}
 
 
 @dataclass(frozen=True)
@@ -33,7 +32,7 @@ class PAG(GuidanceConfig):
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        return PAGRuntime(self, window_of(self.window), resolve_layers(self.layers, setup, DEFAULT_LAYERS, "PAG"), "pag")
+        return PAGRuntime(self, window_of(self.window), resolve_layers(self.layers, setup, "pag", "PAG"), "pag")
 
 
 class PAGRuntime(PerturbationRuntime):

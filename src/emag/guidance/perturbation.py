@@ -2,7 +2,7 @@
 
 A perturbation term owns one extra branch on the conditional input whose rows carry the term's
 edits (attention or whole-block); its combination is the canonical additive term (guidance-methods.md
-0.5). Layers default to a per-backbone preset when not given.
+0.5). Layers default to the model family's (:mod:`emag.families`) when not given.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from ..windows import StepContext
 from .base import Branch, Setup, TermRuntime, check_scale
 
 
-def resolve_layers(layers: Any, setup: Setup, defaults: dict[str, Any], what: str) -> tuple[int, ...]:
-    """Parse ``layers`` or take the backbone default (a tuple, or a callable of the block count)."""
+def resolve_layers(layers: Any, setup: Setup, method: str, what: str) -> tuple[int, ...]:
+    """Parse ``layers`` or take the model family's default for ``method`` (a tuple, or a band of the
+    block count)."""
     if layers is None:
-        d = defaults.get(setup.family)
+        d = setup.family.default_layers(method)
         if d is None:
-            raise ValueError(f"{what} has no default layers for {setup.family}; pass `layers=`.")
+            raise ValueError(f"{what} has no default layers for {setup.family.label}; pass `layers=`.")
         if callable(d):  # a band relative to the depth: kept inside the model on shallow ones
             layers = tuple(i for i in parse_layers(d(setup.num_blocks)) if 0 <= i < setup.num_blocks)
             if not layers:
@@ -33,11 +34,11 @@ def resolve_layers(layers: Any, setup: Setup, defaults: dict[str, Any], what: st
         else:
             fixed = parse_layers(d)
             if any(not 0 <= i < setup.num_blocks for i in fixed):
-                raise ValueError(f"{what}'s default layers {list(fixed)} (the full-size {setup.family.upper()} "
+                raise ValueError(f"{what}'s default layers {list(fixed)} (the full-size {setup.family.label} "
                                  f"model's) do not exist in this {setup.num_blocks}-block model; pass `layers=`.")
             layers = fixed
     parsed = parse_layers(layers)
-    check_layers_in_range(parsed, setup.num_blocks, setup.arch.class_name)
+    check_layers_in_range(parsed, setup.num_blocks, setup.family.transformer_class)
     return parsed
 
 
@@ -61,9 +62,10 @@ class PerturbationRuntime(TermRuntime):
     def block_edits(self, ctx: StepContext) -> dict[int, list[BlockEdit]]:
         return {}
 
-    def branches(self, ctx: StepContext) -> list[Branch]:
-        return [Branch(self.branch_name, "cond", stage=0, attention=self.attention_edits(ctx),
-                       blocks=self.block_edits(ctx))]
+    def branches(self, ctx: StepContext, stage: int) -> list[Branch]:
+        if stage != 0:
+            return []
+        return [Branch(self.branch_name, "cond", attention=self.attention_edits(ctx), blocks=self.block_edits(ctx))]
 
     def delta(self, c: Tensor, p, ctx: StepContext) -> Tensor:
         return self.config.scale * (c - p[self.branch_name])
@@ -177,8 +179,8 @@ class WeakGuidanceRuntime(TermRuntime):
     def make_branch(self, ctx: StepContext) -> Branch:
         raise NotImplementedError
 
-    def branches(self, ctx: StepContext) -> list[Branch]:
-        return [self.make_branch(ctx)]
+    def branches(self, ctx: StepContext, stage: int) -> list[Branch]:
+        return [self.make_branch(ctx)] if stage == 0 else []
 
     def refine(self, c: Tensor, p, ctx: StepContext) -> Tensor:
         return c + (self.config.scale - 1.0) * (c - p[self.branch_name])

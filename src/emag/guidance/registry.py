@@ -1,64 +1,77 @@
 """Every guidance method by name: its config class, paper, cost and where it acts.
 
 Used by the CLI (``emag generate --method cfg,pag --param pag.scale=3``) and ``emag methods``.
-Classes are imported lazily so that listing methods stays cheap.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import typing
 from dataclasses import dataclass
 from typing import Any
 
 from ..layers import parse_layers
+from .apg import APG
+from .autoguidance import Autoguidance
+from .cads import CADS
+from .cfg import CFG, CFGZeroStar
+from .emag import EMAG
+from .erg import ERG
+from .pag import PAG
+from .s2 import S2
+from .sag import SAG
+from .seg import SEG
+from .slg import SLG, STG
+from .tpg import TPG
 
 
 @dataclass(frozen=True)
 class MethodInfo:
     name: str
-    module: str
-    cls: str
+    config: type
     paper: str
     passes: str  # extra forward passes per step, with CFG as the baseline of 2
     acts_on: str
     kind: str
 
+    @property
+    def cls(self) -> str:
+        return self.config.__name__
+
     def config_class(self) -> type:
-        return getattr(importlib.import_module(self.module, __package__), self.cls)
+        return self.config
 
 
 METHODS: dict[str, MethodInfo] = {m.name: m for m in [
-    MethodInfo("cfg", ".cfg", "CFG", "Ho & Salimans 2022 (classifier-free guidance); interval: Kynkäänniemi et al. "
+    MethodInfo("cfg", CFG, "Ho & Salimans 2022 (classifier-free guidance); interval: Kynkäänniemi et al. "
                "2024 arXiv 2404.07724; rescale: Lin et al. WACV 2024", "+1 (uncond; skipped outside the interval)",
                "the condition", "base"),
-    MethodInfo("cfg-zero-star", ".cfg", "CFGZeroStar", "Fan et al. 2025, arXiv 2503.18886 (flow models only)",
+    MethodInfo("cfg-zero-star", CFGZeroStar, "Fan et al. 2025, arXiv 2503.18886 (flow models only)",
                "+1 (uncond)", "the condition; optimised uncond scale, zeroed first steps", "base"),
-    MethodInfo("apg", ".apg", "APG", "Sadat, Hilliges, Weber, ICLR 2025, arXiv 2410.02416", "+1 (uncond)",
+    MethodInfo("apg", APG, "Sadat, Hilliges, Weber, ICLR 2025, arXiv 2410.02416", "+1 (uncond)",
                "the CFG update: momentum, norm clamp, projection in x0 space", "base"),
-    MethodInfo("cads", ".cads", "CADS", "Sadat et al., ICLR 2024, arXiv 2310.17347", "0",
+    MethodInfo("cads", CADS, "Sadat et al., ICLR 2024, arXiv 2310.17347", "0",
                "the conditioning (text or class embeddings), annealed noise", "condition"),
-    MethodInfo("emag", "..config", "EMAG", "Yadav, Huy, Liu, ECCV 2026, arXiv 2512.17303",
+    MethodInfo("emag", EMAG, "Yadav, Huy, Liu, ECCV 2026, arXiv 2512.17303",
                "+1 inside its windows", "attention map (or queries) of one middle block replaced by its EMA over steps",
                "refine / additive"),
-    MethodInfo("pag", ".pag", "PAG", "Ahn et al., ECCV 2024, arXiv 2403.17377", "+1",
+    MethodInfo("pag", PAG, "Ahn et al., ECCV 2024, arXiv 2403.17377", "+1",
                "self-attention map -> identity (image->image on MMDiT)", "additive"),
-    MethodInfo("seg", ".seg", "SEG", "Hong, NeurIPS 2024, arXiv 2408.00760", "+1",
+    MethodInfo("seg", SEG, "Hong, NeurIPS 2024, arXiv 2408.00760", "+1",
                "image queries blurred on the token grid", "additive"),
-    MethodInfo("sag", ".sag", "SAG", "Hong et al., ICCV 2023, arXiv 2210.00939", "+1 (sequential)",
+    MethodInfo("sag", SAG, "Hong et al., ICCV 2023, arXiv 2210.00939", "+1 (sequential)",
                "input: x0 blurred where attention concentrates, re-noised", "additive"),
-    MethodInfo("erg", ".erg", "ERG", "Ifriqi et al., NeurIPS 2025, arXiv 2504.13987", "+1 (replaces uncond)",
+    MethodInfo("erg", ERG, "Ifriqi et al., NeurIPS 2025, arXiv 2504.13987", "+1 (replaces uncond)",
                "attention temperature (queries scaled); C-ERG: text-encoder queries (text_tau)", "uncond"),
-    MethodInfo("s2", ".s2", "S2", "Chen et al., ICLR 2026, arXiv 2508.12880", "+1",
+    MethodInfo("s2", S2, "Chen et al., ICLR 2026, arXiv 2508.12880", "+1",
                "random blocks dropped, new mask per step", "additive"),
-    MethodInfo("slg", ".slg", "SLG", "Stability AI SD3.5 reference (skip-layer guidance)", "+1 inside its window",
+    MethodInfo("slg", SLG, "Stability AI SD3.5 reference (skip-layer guidance)", "+1 inside its window",
                "whole blocks skipped", "additive"),
-    MethodInfo("stg", ".slg", "STG", "Hyung et al., arXiv 2411.18664", "+1",
+    MethodInfo("stg", STG, "Hyung et al., arXiv 2411.18664", "+1",
                "whole blocks (STG-R) or attention maps (STG-A) skipped", "additive"),
-    MethodInfo("autoguidance", ".autoguidance", "Autoguidance", "Karras et al., NeurIPS 2024, arXiv 2406.02507",
+    MethodInfo("autoguidance", Autoguidance, "Karras et al., NeurIPS 2024, arXiv 2406.02507",
                "+1 on a separate weak model", "a smaller / less-trained network of the same family", "uncond"),
-    MethodInfo("tpg", ".tpg", "TPG", "Rajabi et al., NeurIPS 2025, arXiv 2506.10036", "+1",
+    MethodInfo("tpg", TPG, "Rajabi et al., NeurIPS 2025, arXiv 2506.10036", "+1",
                "input tokens of blocks randomly permuted", "additive"),
 ]}
 
@@ -68,14 +81,6 @@ def get_method(name: str) -> MethodInfo:
     if key not in METHODS:
         raise ValueError(f"Unknown guidance method {name!r}; available: {', '.join(METHODS)}.")
     return METHODS[key]
-
-
-def available(info: MethodInfo) -> bool:
-    try:
-        info.config_class()
-        return True
-    except (ImportError, AttributeError):
-        return False
 
 
 def parameters(info: MethodInfo) -> list[dataclasses.Field]:

@@ -39,7 +39,6 @@ from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from .perturbation import PerturbationRuntime, SkipBlockRows, check_seed, resolve_layers, seeded_generator
 
 FORMS = {"contrastive": 1.0, "literal": 0.25}  # form -> default omega
-DEFAULT_LAYERS = {"sd3": lambda n: tuple(range(n)), "dit": lambda n: tuple(range(n))}  # every block may drop
 SPACES = ("native", "x0")
 
 
@@ -107,7 +106,7 @@ class S2(GuidanceConfig):
         return FORMS[self.form] if self.scale is None else self.scale
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        candidates = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "S2")
+        candidates = resolve_layers(self.layers, setup, "s2", "S2")
         if self.exclude_first:
             candidates = tuple(l for l in candidates if l != 0)
         if not candidates:

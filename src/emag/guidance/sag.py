@@ -38,7 +38,6 @@ from .seg import gaussian_blur_2d
 
 # The middle block, the analogue of diffusers' / ComfyUI's UNet mid-block attention (no official DiT / SD3
 # setting; tune).
-DEFAULT_LAYERS = {"sd3": lambda n: (n // 2,), "dit": lambda n: (n // 2,)}
 
 
 # -- the math (pure tensor functions) -------------------------------------------------------------------
@@ -162,7 +161,7 @@ class SAG(GuidanceConfig):
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        layers = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "SAG")
+        layers = resolve_layers(self.layers, setup, "sag", "SAG")
         return SAGRuntime(self, window_of(self.window), layers[0])
 
 
@@ -192,14 +191,15 @@ class SAGRuntime(TermRuntime):
         # Observe both normal branches: which one is the source is known only once stage 0 has run.
         return {self.layer: [ReceivedAttention(self, branch)]}, {}
 
-    def branches(self, ctx: StepContext) -> list[Branch]:
-        self.masks, self._ctx, self._x0_bar = {}, ctx, None
-        self._branch = Branch(self.branch_name, "cond", stage=1, make_input=self.degraded_input)
-        return [self._branch]
-
-    def before_stage(self, stage: int, ctx: StepContext, outputs) -> None:
-        if stage == 1:  # the source's condition: uncond when that branch ran this step
+    def decide(self, stage: int, ctx: StepContext, outputs) -> None:
+        if stage == 0:  # a new step: the masks are observed in its normal pass
+            self.masks, self._ctx, self._x0_bar = {}, ctx, None
+            self._branch = Branch(self.branch_name, "cond", make_input=self.degraded_input)
+        else:  # the source's condition: uncond when that branch ran this step
             self._branch.condition = "uncond" if "uncond" in outputs else "cond"
+
+    def branches(self, ctx: StepContext, stage: int) -> list[Branch]:
+        return [self._branch] if stage == 1 else []
 
     def degraded_input(self, outputs: dict[str, Tensor], x_t: Tensor | None = None) -> Tensor:
         """``x_bar_t`` from the source branch's output of this step (stage 1)."""

@@ -26,7 +26,6 @@ from .perturbation import PerturbationRuntime, resolve_layers
 
 # A band of three middle blocks. SEG has no official SD3 / DiT setting (the SDXL default is the UNet
 # ``mid`` block); guidance-methods.md 12 lists "middle blocks (tune)".
-DEFAULT_LAYERS = {"sd3": lambda n: (n // 2 - 1, n // 2, n // 2 + 1), "dit": lambda n: (n // 2 - 1, n // 2, n // 2 + 1)}
 
 # sigma above this is infinite blur: SEG-SDXL's ``inf_blur_threshold`` (9999.0).
 INF_BLUR_THRESHOLD = 9999.0
@@ -161,7 +160,7 @@ class SEG(GuidanceConfig):
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        layers = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "SEG")
+        layers = resolve_layers(self.layers, setup, "seg", "SEG")
         return SEGRuntime(self, window_of(self.window), layers, "seg")
 
 

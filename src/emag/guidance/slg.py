@@ -12,7 +12,6 @@ from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from ..windows import StrictWindow
 from .perturbation import IdentityAttention, PerturbationRuntime, SkipBlock, resolve_layers
 
-DEFAULT_LAYERS = {"sd3": (7, 8, 9), "dit": lambda n: (n // 2 - 1, n // 2, n // 2 + 1)}
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,7 @@ class SLG(GuidanceConfig):
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        return SkipRuntime(self, window_of(self.window), resolve_layers(self.layers, setup, DEFAULT_LAYERS, "SLG"),
+        return SkipRuntime(self, window_of(self.window), resolve_layers(self.layers, setup, "slg", "SLG"),
                            "slg", "residual")
 
 
@@ -63,7 +62,7 @@ class STG(GuidanceConfig):
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        return SkipRuntime(self, window_of(self.window), resolve_layers(self.layers, setup, DEFAULT_LAYERS, "STG"),
+        return SkipRuntime(self, window_of(self.window), resolve_layers(self.layers, setup, "stg", "STG"),
                            "stg", self.mode)
 
 

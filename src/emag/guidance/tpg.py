@@ -32,7 +32,6 @@ from .perturbation import PerturbationRuntime, check_seed, resolve_layers, seede
 
 # The middle block. The official SDXL setting perturbs its down blocks 6-23; on SD3 / DiT the choice only
 # changes rounding (see the module docstring).
-DEFAULT_LAYERS = {"sd3": lambda n: (n // 2,), "dit": lambda n: (n // 2,)}
 
 
 def tpg_permutation(seed: int, step: int, layer: int, num_tokens: int) -> Tensor:
@@ -77,7 +76,7 @@ class TPG(GuidanceConfig):
         window_of(self.window)
 
     def runtime(self, setup: Setup) -> TermRuntime:
-        layers = resolve_layers(self.layers, setup, DEFAULT_LAYERS, "TPG")
+        layers = resolve_layers(self.layers, setup, "tpg", "TPG")
         return TPGRuntime(self, window_of(self.window), layers, "tpg")
 
 

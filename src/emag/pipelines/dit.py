@@ -1,11 +1,9 @@
-"""DiTEMAGPipeline: diffusers' DiT pipeline with EMAG (emag.md section 5.2), latents and callbacks.
+"""DiTEMAGPipeline: diffusers' DiT pipeline with guidance terms (EMAG and the others), initial
+latents, callbacks and the sampler row layouts.
 
-Per step of the reference ("nested", the paper's DiT rows): (1) the normal conditional pass -> c,
-feeding the EMA; (2) the normal unconditional pass (null class) -> u, feeding the EMA again; (3) the
-block choice from the CURRENT step's scores (D computed after the update), then the perturbed
-conditional pass -> e. Passes (1) and (2) run batched as ``[cond ; uncond]`` with the EMA fed by the
-two halves in that order (the same numbers up to batch-invariance rounding, at lower cost). ``eps' = e + w_e (c - e)``, ``eps = u + w (eps' - u)`` on the guided channels;
-the other channels (and the learned variance) come from c.
+The call prepares DiT's inputs (class ids with names resolved, the null class for the unconditional
+branch, latents, the DDPM/DDIM schedule) and runs its sampler loop; the guidance terms' passes and
+combination are the engine's (:mod:`emag.engine`), EMAG's DiT protocol its own (docs/method.md).
 
 Sampler row layouts: ``"doubled"`` steps ``[x ; x]`` with noise drawn for 2B rows and keeps the first
 half (diffusers' DiTPipeline and the original DiT CFG sampler; used by plain CFG and by the additive
@@ -25,22 +23,23 @@ from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from .._warnings import warn as _warn
-from ..config import EMAG
-from ..guidance.base import Setup
+from .._warnings import warn
+from ..families import DIT
+from ..guidance.call import call_defaults, given_terms, terms_of_call
+from ..guidance.call import noise_layout as term_noise_layout
+from ..guidance.emag import EMAG
 from ..parametrization import EpsilonVP
-from ..plumbing.architectures import architecture_of
-from ..plumbing.backbones import ClassCondition, DiTBackbone
+from ..plumbing.conditions import ClassCondition
 from ..windows import StepContext
-from ._exclusive import PerThread, one_call_at_a_time
-from ._guided import build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, uses_uncond
-from ._inputs import (check_count, check_generator, check_guidance_scale, check_latents, check_options,
+from ..plumbing.exclusive import one_call_at_a_time
+from ._guided import GuidedPipeline
+from ..inputs import (check_count, check_generator, check_guidance_scale, check_latents, check_options,
                       check_output_type, class_ids)
 
 NOISE_LAYOUTS = ("doubled", "samples")
 
 
-class DiTEMAGPipeline(DiTPipeline):
+class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
     r"""Class-conditional DiT with Exponential Moving Average Guidance.
 
     Accepts every argument of :class:`diffusers.DiTPipeline` plus ``latents`` (initial noise),
@@ -52,7 +51,7 @@ class DiTEMAGPipeline(DiTPipeline):
     unconditional samples.
 
     With EMAG (``emag=`` or an :class:`~emag.EMAG` in ``guidance``) the defaults are the reference's
-    (emag.md 5.2): ``guidance_scale=1.5``, ``num_inference_steps=250``, the combination on the first 3
+    (docs/method.md): ``guidance_scale=1.5``, ``num_inference_steps=250``, the combination on the first 3
     latent channels, and for ``combination="additive"`` the doubled noise layout; without EMAG they are
     diffusers' (4.0, 50 steps). EMAG's reference sampler is ancestral DDPM with learned-range variance:
     ``pipe.scheduler = emag.dit_reference_scheduler()`` (a warning says so when another one is set).
@@ -60,22 +59,9 @@ class DiTEMAGPipeline(DiTPipeline):
     active term, e.g. APG, asks for it); affine combinations (CFG, PAG, EMAG, ...) give the same result.
     """
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``from_pretrained`` (hub id or local folder) with clear errors: a local folder is
-        checked first (a DiT pipeline, every listed component present, weights readable; components
-        saved as None are passed as None); a missing folder, or a hub id whose weights are not available,
-        raises :class:`emag.MissingWeightsError` with the download command (see ``emag.loading``)."""
-        from ..loading import from_pretrained_checked
-
-        return from_pretrained_checked(cls, super().from_pretrained, pretrained_model_name_or_path, "dit", kwargs)
-
+    family = DIT
     _callback_tensor_inputs = ["latents"]
     _optional_components = ["vae"]  # None for pixel-space models: outputs are the samples themselves
-    # what the calling thread's last call did (per thread: concurrent calls never see each other's)
-    emag_trace = PerThread()
-    guidance_runtimes = PerThread()
-    guidance_engine = PerThread()
 
     def __init__(
         self,
@@ -129,26 +115,18 @@ class DiTEMAGPipeline(DiTPipeline):
         combine_space: str = "auto",
     ) -> ImagePipelineOutput | tuple:
         self.emag_trace = None
-        arch = architecture_of(self.transformer)
-        with_emag = emag is not None or any(isinstance(t, EMAG) for t in guidance or [])
-        if guidance_scale is None:  # the EMAG reference's CFG 1.5 (emag.md 5.2); diffusers' 4.0 otherwise
-            guidance_scale = 1.5 if with_emag else 4.0
-        if num_inference_steps is None:  # the reference's 250-step sampler; diffusers' 50 otherwise
-            num_inference_steps = 250 if with_emag else 50
+        given = given_terms(guidance, emag)
+        defaults = call_defaults(given, self.family)  # EMAG: the reference's CFG 1.5 and 250 steps
+        if guidance_scale is None:  # diffusers' 4.0 otherwise
+            guidance_scale = defaults.get("guidance_scale", 4.0)
+        if num_inference_steps is None:  # diffusers' 50 otherwise
+            num_inference_steps = defaults.get("num_inference_steps", 50)
         ids = self._check_call(class_labels, guidance_scale, num_inference_steps, generator, latents, output_type,
                                batching, fast, combine_space)
-        terms = build_terms(guidance, emag, guidance_scale, arch.family)
-        imagenet_dit = self.null_class == 1000 and self.transformer.config.in_channels == 4  # DiT-XL/2's shape
-        if with_emag and imagenet_dit and not self._is_reference_sampler():
-            _warn(f"EMAG's published DiT numbers were sampled with 250-step ancestral DDPM (learned-range "
-                  f"variance); this pipeline's scheduler is {type(self.scheduler).__name__}. Set "
-                  "`pipe.scheduler = emag.dit_reference_scheduler()` to sample as the reference.")
-        do_cfg = guidance_scale > 1
-        if noise_layout is None:
-            # diffusers' DiT CFG and the reference's additive EMAG draw noise for the doubled batch
-            additive = any(isinstance(t, EMAG) and t.combination == "additive" for t in terms)
-            legacy_doubled = additive or (guidance is None and emag is None and do_cfg)
-            noise_layout = "doubled" if legacy_doubled else "samples"
+        terms = terms_of_call(guidance, emag, guidance_scale, self.family)
+        self._check_sampler(given, defaults.get("reference_sampler"))
+        if noise_layout is None:  # diffusers' DiT CFG and the reference's additive EMAG: the doubled batch
+            noise_layout = term_noise_layout(terms, guidance is None and emag is None and guidance_scale > 1)
         if noise_layout not in NOISE_LAYOUTS:
             raise ValueError(f"Unknown noise_layout {noise_layout!r}; expected one of {NOISE_LAYOUTS}.")
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -156,51 +134,38 @@ class DiTEMAGPipeline(DiTPipeline):
         for k in callback_on_step_end_tensor_inputs:
             if k not in self._callback_tensor_inputs:
                 raise ValueError(f"callback tensor input {k!r} is not available; choose from {self._callback_tensor_inputs}.")
-
         device = self._execution_device
         labels = torch.tensor(ids, dtype=torch.long, device=device)
         batch_size = labels.shape[0]
-        channels = self.transformer.config.in_channels
-        size = self.transformer.config.sample_size
-        shape = (batch_size, channels, size, size)
         self.scheduler.set_timesteps(num_inference_steps)
         timesteps = self.scheduler.timesteps
-        num_steps = len(timesteps)
-        # the DiT reference runs the unconditional pass every step (cond then uncond feed the EMA), also
-        # when its output is not needed (w = 1): nested EMAG keeps it unless cond_only_score (opt-in)
-        has_uncond = uses_uncond(terms) or any(
-            isinstance(t, EMAG) and t.combination == "nested" and not t.cond_only_score for t in terms)
-        setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
-                      num_steps=num_steps, batch_size=batch_size, prediction="epsilon", guided_channels=channels,
-                      device=device, dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
-        alphas = self.scheduler.alphas_cumprod
-        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
-            contexts.append(StepContext(i, num_steps, float(t), param.sigma_edm, param))
-        runtimes = make_runtimes(terms, setup, contexts, self.transformer)  # every term vs model, schedule
-        guided = guided_channels_of(terms, channels, "dit")
+        setup = self._guided_setup(terms, guidance_scale, num_steps=len(timesteps), batch_size=batch_size,
+                                   device=device, fast=fast)
+        runtimes = self._guided_runtimes(terms, setup, self._contexts(timesteps))
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator
             if isinstance(generator, list) and noise_layout == "doubled":
                 raise ValueError("A list of generators (one per sample) needs noise_layout='samples'.")
 
+        # -- inputs ---------------------------------------------------------------------------------
+        channels, size = self.transformer.config.in_channels, self.transformer.config.sample_size
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.transformer.dtype)
+            latents = randn_tensor((batch_size, channels, size, size), generator=generator, device=device,
+                                   dtype=self.transformer.dtype)
         else:
             latents = latents.to(device=device, dtype=self.transformer.dtype)
         conditions = {"cond": ClassCondition(labels)}
-        if has_uncond:
+        if setup.uses_uncond:
             conditions["uncond"] = ClassCondition(torch.full_like(labels, self.null_class))
-        engine = make_engine(runtimes, lambda m: DiTBackbone(m, self.scheduler), conditions,
-                             self.transformer, arch, channels, guided, batching, has_uncond, combine_space)
-        self.guidance_engine = engine
+        engine = self._guided_engine(terms, runtimes, conditions, setup, batching, combine_space,
+                                     scheduler=self.scheduler)
+
+        # -- the sampler loop -------------------------------------------------------------------------
+        contexts = self._contexts(timesteps)
         with engine.installed():
             for i, t in enumerate(self.progress_bar(timesteps)):
-                ctx = contexts[i]
-                out = engine.predict(latents, t, ctx)
+                out = engine.predict(latents, t, contexts[i])
                 if not self._uses_learned_variance() and out.shape[1] == 2 * channels:
                     out = out[:, :channels]
                 if noise_layout == "doubled":
@@ -212,9 +177,30 @@ class DiTEMAGPipeline(DiTPipeline):
                 if callback_on_step_end is not None:
                     outputs = callback_on_step_end(self, i, t, {"latents": latents})
                     latents = outputs.pop("latents", latents)
-        self.emag_trace = emag_trace_of(runtimes)
-        self.guidance_runtimes = runtimes
+        self._record(runtimes)
+        return self._output(latents, output_type, return_dict)
 
+    def _contexts(self, timesteps) -> list[StepContext]:
+        """Each step's position and noise level (from the scheduler's cumulative alphas) for the terms."""
+        alphas = self.scheduler.alphas_cumprod
+        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
+        contexts = []
+        for i, t in enumerate(timesteps):
+            param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
+            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
+        return contexts
+
+    def _check_sampler(self, terms, reference: str | None) -> None:
+        """A term whose published numbers on DiT-XL/2-shaped models used a particular sampler warns when
+        another scheduler is set."""
+        imagenet_dit = self.null_class == 1000 and self.transformer.config.in_channels == 4  # DiT-XL/2's shape
+        if reference and imagenet_dit and not self._is_reference_sampler():
+            names = ", ".join(sorted({type(t).__name__ for t in terms if t.call_defaults(self.family)}))
+            warn(f"{names}'s published DiT numbers were sampled with {reference}; this pipeline's scheduler is "
+                 f"{type(self.scheduler).__name__}. Set `pipe.scheduler = emag.dit_reference_scheduler()` to "
+                 "sample as the reference.")
+
+    def _output(self, latents, output_type, return_dict):
         if output_type == "latent":
             samples = latents
         else:
@@ -246,10 +232,3 @@ class DiTEMAGPipeline(DiTPipeline):
                       f"{len(ids)} class label(s), {self.transformer.config.in_channels} latent channels, "
                       f"sample size {size}")
         return ids
-
-    @staticmethod
-    def _timestep_tensor(t, x: torch.Tensor) -> torch.Tensor:
-        ts = t if torch.is_tensor(t) else torch.tensor([t], device=x.device)
-        if ts.dim() == 0:
-            ts = ts[None].to(x.device)
-        return ts.expand(x.shape[0])

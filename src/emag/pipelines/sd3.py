@@ -1,10 +1,8 @@
-"""StableDiffusion3EMAGPipeline: diffusers' SD3 pipeline with EMAG (emag.md section 5.1).
+"""StableDiffusion3EMAGPipeline: diffusers' SD3 pipeline with guidance terms (EMAG and the others).
 
-Each step: the normal call on ``[uncond ; cond]`` gives ``u, c``; then, inside the EMA or replacement
-window, a perturbed call on the same batch in which every candidate block feeds its EMA (score D
-computed BEFORE the update, so the choice at step ``i`` uses the scores of step ``i - 1``) and the
-chosen block replaces its tracked rows by the freshly updated EMA. Outside both windows the perturbed
-pass equals the normal one and is not run (``u_e = u``, ``c_e = c``).
+The call prepares SD3's inputs (prompt encodings, latents, the flow-matching schedule) and runs its
+sampler loop; the guidance terms' passes and combination are the engine's (:mod:`emag.engine`), the
+terms' per-family protocols their own (EMAG: docs/method.md, the per-backbone protocols).
 """
 
 from __future__ import annotations
@@ -19,44 +17,32 @@ from diffusers.image_processor import PipelineImageInput
 from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
 from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
 
-from ..config import EMAG
-from ..guidance.base import Setup
+from ..families import SD3
+from ..guidance.call import terms_of_call, text_weakenings
+from ..guidance.emag import EMAG
 from ..parametrization import FlowMatching
-from ..plumbing.architectures import architecture_of
-from ..plumbing.backbones import SD3Backbone, TextCondition
+from ..plumbing.conditions import TextCondition
 from ..plumbing.text_weakening import TEXT_ENCODERS, TextWeakening, scaled_queries
 from ..windows import StepContext
-from ._exclusive import PerThread, one_call_at_a_time
-from ._guided import (build_terms, emag_trace_of, guided_channels_of, make_engine, make_runtimes, text_weakenings,
-                      uses_uncond)
-from ._inputs import check_sd3_call, warn_unused_negative
+from ..plumbing.exclusive import one_call_at_a_time
+from ._guided import GuidedPipeline
+from ..inputs import check_sd3_call, warn_unused_negative
 
 
-class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
-    r"""Stable Diffusion 3 / 3.5 with Exponential Moving Average Guidance.
+class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
+    r"""Stable Diffusion 3 / 3.5 with Exponential Moving Average Guidance and the other guidance terms.
 
-    Accepts every argument of :class:`diffusers.StableDiffusion3Pipeline` plus ``emag``. With
-    ``emag=None`` the call is exactly the base pipeline's. Load with ``from_pretrained`` (hub id or
-    local folder) or wrap an existing pipeline with ``from_pipe``. After a call, ``self.emag_trace``
-    lists what EMAG did at each step.
-    ``combine_space="x0"`` combines every guidance term in x0 space (default ``"auto"``: only when an
-    active term, e.g. APG, asks for it); affine combinations (CFG, PAG, EMAG, ...) give the same result.
+    Accepts every argument of :class:`diffusers.StableDiffusion3Pipeline` plus ``emag`` (an
+    :class:`emag.EMAG`, paired with ``CFG(guidance_scale)``) or ``guidance`` (a list of terms). With
+    neither the call is exactly the base pipeline's. Load with ``from_pretrained`` (hub id or local
+    folder) or wrap an existing pipeline with ``from_pipe``. After a call, ``self.emag_trace`` lists what
+    EMAG did at each step. ``batching``: the pass layout (``"normal"``, ``"all"``, ``"none"``, ``"auto"``);
+    ``fast=False``: the reference's pass layout instead of the exact fast path; ``combine_space="x0"``
+    combines every guidance term in x0 space (default ``"auto"``: only when an active term, e.g. APG, asks
+    for it; affine combinations such as CFG, PAG, EMAG give the same result).
     """
 
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """diffusers' ``from_pretrained`` (hub id or local folder) with clear errors: a local folder is
-        checked first (a SD3 pipeline, every listed component present, weights readable; components
-        saved as None are passed as None); a missing folder, or a hub id whose weights are not available,
-        raises :class:`emag.MissingWeightsError` with the download command (see ``emag.loading``)."""
-        from ..loading import from_pretrained_checked
-
-        return from_pretrained_checked(cls, super().from_pretrained, pretrained_model_name_or_path, "sd3", kwargs)
-
-    # what the calling thread's last call did (per thread: concurrent calls never see each other's)
-    emag_trace = PerThread()
-    guidance_runtimes = PerThread()
-    guidance_engine = PerThread()
+    family = SD3
 
     @one_call_at_a_time  # one call per transformer at a time; hooks act in the calling thread only
     @torch.no_grad()
@@ -109,23 +95,15 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         if emag is None and guidance is None:
             return super().__call__(**base_args)
 
-        # -- validate everything before any expensive work ------------------------------------------
-        arch = architecture_of(self.transformer)
-        terms = build_terms(guidance, emag, guidance_scale, arch.family)
+        # -- everything is checked before any expensive work ----------------------------------------
+        terms = terms_of_call(guidance, emag, guidance_scale, self.family)
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             raise NotImplementedError("Guidance terms with IP-Adapter are not supported: its processor calls attention twice.")
         if skip_guidance_layers is not None:
             raise NotImplementedError("Use emag.SLG(...) in `guidance=[...]` instead of skip_guidance_layers.")
         self._guidance_scale = guidance_scale
-        # EMAG's "Only_EMAG" mode keeps the reference's doubled batch when its CFG flag is on (w > 1): the
-        # unconditional rows enter the layer score (emag.md 4, 5.1) though their output is unused
-        scored_uncond = guidance_scale > 1 and any(
-            isinstance(t, EMAG) and t.combination == "emag_only" and not t.cond_only_score for t in terms)
-        has_uncond = uses_uncond(terms) or scored_uncond
-        warn_unused_negative(has_uncond, base_args)
         weak_texts = text_weakenings(terms)
         self._check_weak_text_inputs(weak_texts, prompt, negative_prompt, negative_prompt_embeds)
-
         height = height or self.default_sample_size * self.vae_scale_factor
         width = width or self.default_sample_size * self.vae_scale_factor
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
@@ -142,14 +120,72 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
         self._clip_skip = clip_skip
         self._joint_attention_kwargs = joint_attention_kwargs
         self._interrupt = False
-
-        if prompt is not None and isinstance(prompt, str):
-            batch_size = 1
-        elif prompt is not None and isinstance(prompt, list):
-            batch_size = len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
+        batch_size = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else prompt_embeds.shape[0]
         device = self._execution_device
+        timesteps, num_inference_steps = self._timesteps(num_inference_steps, height, width, sigmas, mu, device)
+        num_steps = len(timesteps)
+        setup = self._guided_setup(terms, guidance_scale, num_steps=num_steps,
+                                   batch_size=batch_size * num_images_per_prompt, device=device, fast=fast)
+        warn_unused_negative(setup.uses_uncond, base_args)
+        contexts = self._contexts(timesteps)
+        runtimes = self._guided_runtimes(terms, setup, contexts)
+
+        # -- inputs ---------------------------------------------------------------------------------
+        lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
+        encode = dict(device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
+                      max_sequence_length=max_sequence_length, lora_scale=lora_scale)
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3,
+            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
+            do_classifier_free_guidance=setup.uses_uncond,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
+            **encode,
+        )
+        latents = self.prepare_latents(
+            batch_size * num_images_per_prompt, self.transformer.config.in_channels,
+            height, width, prompt_embeds.dtype, device, generator, latents,
+        )
+        self._num_timesteps = num_steps
+        conditions = {"cond": TextCondition(prompt_embeds, pooled_prompt_embeds)}
+        if setup.uses_uncond:
+            conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
+        for w in weak_texts:
+            conditions[w.name] = self._encode_weakened(
+                w, batch_size, (prompt, prompt_2, prompt_3), (negative_prompt, negative_prompt_2, negative_prompt_3),
+                **encode)
+        engine = self._guided_engine(terms, runtimes, conditions, setup, batching, combine_space,
+                                     joint_attention_kwargs=self.joint_attention_kwargs)
+
+        # -- the sampler loop -------------------------------------------------------------------------
+        num_warmup_steps = max(num_steps - num_inference_steps * self.scheduler.order, 0)
+        with engine.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
+            for i, t in enumerate(timesteps):
+                if self.interrupt:
+                    continue
+                noise_pred = engine.predict(latents, t, contexts[i])
+                latents_dtype = latents.dtype
+                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
+                    latents = latents.to(latents_dtype)
+                if callback_on_step_end is not None:
+                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                 "pooled_prompt_embeds": pooled_prompt_embeds}
+                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
+                    latents = callback_outputs.pop("latents", latents)
+                    new_pe = callback_outputs.pop("prompt_embeds", prompt_embeds)
+                    new_ppe = callback_outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
+                    if new_pe is not prompt_embeds or new_ppe is not pooled_prompt_embeds:
+                        prompt_embeds, pooled_prompt_embeds = new_pe, new_ppe
+                        engine.conditions["cond"] = TextCondition(prompt_embeds, pooled_prompt_embeds)
+                if i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
+                    progress_bar.update()
+        self._record(runtimes)
+        return self._output(latents, output_type, return_dict)
+
+    def _timesteps(self, num_inference_steps, height, width, sigmas, mu, device):
+        """The flow-matching schedule (with SD3.5's resolution-dependent shift when configured)."""
         scheduler_kwargs = {}
         if self.scheduler.config.get("use_dynamic_shifting", None) and mu is None:
             image_seq_len = (height // self.vae_scale_factor // self.transformer.config.patch_size) * (
@@ -163,80 +199,17 @@ class StableDiffusion3EMAGPipeline(StableDiffusion3Pipeline):
             )
         elif mu is not None:
             scheduler_kwargs["mu"] = mu
-        timesteps, num_inference_steps = retrieve_timesteps(
-            self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs
-        )
-        num_steps = len(timesteps)
-        setup = Setup(family=arch.family, arch=arch, num_blocks=len(self.transformer.transformer_blocks),
-                      num_steps=num_steps, batch_size=batch_size * num_images_per_prompt, prediction="flow",
-                      guided_channels=self.transformer.config.out_channels, device=device,
-                      dtype=self.transformer.dtype, uses_uncond=has_uncond, fast=fast)
+        return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs)
+
+    def _contexts(self, timesteps) -> list[StepContext]:
+        """Each step's position and noise level (the flow-matching sigma) for the guidance terms."""
         contexts = []
         for i, t in enumerate(timesteps):
             param = FlowMatching(float(self.scheduler.sigmas[i]))
-            contexts.append(StepContext(i, num_steps, float(t), param.sigma_edm, param))
-        runtimes = make_runtimes(terms, setup, contexts, self.transformer)  # every term vs model, schedule
-        guided = guided_channels_of(terms, self.transformer.config.out_channels)
+            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
+        return contexts
 
-        lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-            do_classifier_free_guidance=has_uncond,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
-            max_sequence_length=max_sequence_length, lora_scale=lora_scale,
-        )
-        latents = self.prepare_latents(
-            batch_size * num_images_per_prompt, self.transformer.config.in_channels,
-            height, width, prompt_embeds.dtype, device, generator, latents,
-        )
-        self._num_timesteps = num_steps
-        num_warmup_steps = max(num_steps - num_inference_steps * self.scheduler.order, 0)
-        conditions = {"cond": TextCondition(prompt_embeds, pooled_prompt_embeds)}
-        if has_uncond:
-            conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
-        for w in weak_texts:
-            conditions[w.name] = self._encode_weakened(
-                w, batch_size, (prompt, prompt_2, prompt_3), (negative_prompt, negative_prompt_2, negative_prompt_3),
-                device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
-                max_sequence_length=max_sequence_length, lora_scale=lora_scale)
-        channels = self.transformer.config.out_channels
-        engine = make_engine(runtimes, lambda m: SD3Backbone(m, self.joint_attention_kwargs),
-                             conditions, self.transformer, arch, channels, guided,
-                             batching, has_uncond, combine_space)
-
-        self.guidance_engine = engine
-        with engine.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
-            for i, t in enumerate(timesteps):
-                if self.interrupt:
-                    continue
-                ctx = contexts[i]
-                noise_pred = engine.predict(latents, t, ctx)
-
-                latents_dtype = latents.dtype
-                latents = self.scheduler.step(noise_pred, t, latents, return_dict=False)[0]
-                if latents.dtype != latents_dtype and torch.backends.mps.is_available():
-                    latents = latents.to(latents_dtype)
-
-                if callback_on_step_end is not None:
-                    available = {"latents": latents, "prompt_embeds": prompt_embeds,
-                                 "pooled_prompt_embeds": pooled_prompt_embeds}
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
-                    latents = callback_outputs.pop("latents", latents)
-                    new_pe = callback_outputs.pop("prompt_embeds", prompt_embeds)
-                    new_ppe = callback_outputs.pop("pooled_prompt_embeds", pooled_prompt_embeds)
-                    if new_pe is not prompt_embeds or new_ppe is not pooled_prompt_embeds:
-                        prompt_embeds, pooled_prompt_embeds = new_pe, new_ppe
-                        engine.conditions["cond"] = TextCondition(prompt_embeds, pooled_prompt_embeds)
-
-                if i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
-                    progress_bar.update()
-        self.emag_trace = emag_trace_of(runtimes)
-        self.guidance_runtimes = runtimes
-
+    def _output(self, latents, output_type, return_dict):
         if output_type == "latent":
             image = latents
         else:

@@ -1,11 +1,9 @@
-"""Model plumbing: how one block's attention is read and replaced for one slice of the batch."""
+"""Model plumbing: how a guidance term's edits reach one slice of a batched forward pass.
 
-from .architectures import Architecture, architecture_of, attention_modules
-from .edits import AttentionEdit, BlockEdit, EditScope, ForwardPlan, RowGroup
-from .emag_attention import EMAGFeed, EMAGReplace, EMAGState
-from .intercept import route_attention
-
-__all__ = [
-    "Architecture", "AttentionEdit", "BlockEdit", "EMAGFeed", "EMAGReplace", "EMAGState", "EditScope", "ForwardPlan",
-    "RowGroup", "architecture_of", "attention_modules", "route_attention",
-]
+``hooks`` (forward hooks owned by one call and one thread), ``intercept`` (the fused attention call of
+chosen attention modules routed to a handler), ``edits`` (per-branch attention and block edits applied
+to their own rows of a pass), ``runner`` (activations between blocks), ``conditions`` (a branch's
+conditioning), ``text_weakening`` (temperature-scaled text encoders), ``exclusive`` (one call per transformer at a
+time). Model families and how their
+passes run are in :mod:`emag.families`.
+"""

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from ..families.base import ModelFamily
 from ..math.ema import attention_probs
-from .architectures import Architecture
 from .hooks import CallHooks
 from .intercept import AttentionCall, bind_sdpa, route_attention
 
@@ -33,7 +33,7 @@ class AttentionInfo:
     layer: int
     num_image_tokens: int
     grid: tuple[int, int] | None  # (H/p, W/p) image-token grid, row-major
-    arch: Architecture
+    family: ModelFamily
     scale: float
 
 
@@ -167,7 +167,7 @@ def _agreed_head_chunks(edits, shape: tuple[int, ...], info: AttentionInfo) -> l
     return first
 
 
-def _split_block_io(arch: Architecture, args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
+def _split_block_io(args: tuple, kwargs: dict) -> tuple[Tensor, Tensor | None]:
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     encoder = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
     return hidden, encoder
@@ -176,11 +176,11 @@ def _split_block_io(arch: Architecture, args: tuple, kwargs: dict) -> tuple[Tens
 class EditScope:
     """Installs the interception for one pipeline call and applies the current :class:`ForwardPlan`."""
 
-    def __init__(self, transformer: nn.Module, arch: Architecture, attention_layers, block_layers) -> None:
+    def __init__(self, transformer: nn.Module, family: ModelFamily, attention_layers, block_layers) -> None:
         self.transformer = transformer
-        self.arch = arch
-        blocks = getattr(transformer, arch.blocks_attr)
-        self.attention_modules = {l: getattr(blocks[l], arch.attention_attr) for l in sorted(attention_layers)}
+        self.family = family
+        blocks = family.blocks(transformer)
+        self.attention_modules = {l: family.attention_module(transformer, l) for l in sorted(attention_layers)}
         self.block_modules = {l: blocks[l] for l in sorted(block_layers)}
         self.plan: ForwardPlan | None = None
         self._att_calls: dict[int, int] = {}
@@ -221,7 +221,7 @@ class EditScope:
                     raise RuntimeError(
                         f"A guidance edit on block {layer} expected exactly one {kind} call in this forward pass "
                         f"but saw {calls[layer]}. The edits intercept torch's scaled_dot_product_attention inside "
-                        f"`{self.arch.blocks_attr}[{layer}].{self.arch.attention_attr}` and the block's forward; "
+                        f"`{self.family.blocks_attr}[{layer}].{self.family.attention_attr}` and the block's forward; "
                         "a non-native attention backend, a custom processor or an adapter can bypass or repeat them."
                     )
 
@@ -239,9 +239,9 @@ class EditScope:
         if a["dropout_p"] or a["is_causal"]:
             raise RuntimeError("Guidance edits do not support attention dropout or causal masks.")
         q, k, v = a["query"], a["key"], a["value"]
-        n_img = q.shape[2] if self.arch.token_layout == "image_only" else call.num_image_tokens
+        n_img = q.shape[2] if self.family.token_layout == "image_only" else call.num_image_tokens
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        info = AttentionInfo(call.layer, n_img, plan.grid, self.arch, scale)
+        info = AttentionInfo(call.layer, n_img, plan.grid, self.family, scale)
         for g, edits in edited:
             for e in edits:
                 e.prepare(q[g.rows], k[g.rows], info, (g.start, g.stop))
@@ -314,7 +314,7 @@ class EditScope:
                     for h in chunks:
                         out[:, h] = given.map_for(h, q.dtype) @ v[:, h]
             elif chunks is None:
-                p = attention_probs(q_map, k, info.scale, info.arch.scale_queries_first, mask_map)
+                p = attention_probs(q_map, k, info.scale, info.family.scale_queries_first, mask_map)
                 for e in edits:
                     p = e.probs(p, info, rows)
                 if not modifies:
@@ -342,7 +342,7 @@ class EditScope:
             e.begin_heads(shape, q.device, info, rows)
         out = q.new_empty((*q.shape[:-1], v.shape[-1])) if modifies else None
         for h in chunks:
-            p = attention_probs(q[:, h], k[:, h], info.scale, info.arch.scale_queries_first, _head_rows(mask, h))
+            p = attention_probs(q[:, h], k[:, h], info.scale, info.family.scale_queries_first, _head_rows(mask, h))
             for e in edits:
                 p = e.probs(p, info, rows, heads=h)
             if modifies:
@@ -364,7 +364,7 @@ class EditScope:
             groups = self._groups_for_block(layer)
             if not groups:
                 return None
-            hidden, encoder = _split_block_io(self.arch, args, kwargs)
+            hidden, encoder = _split_block_io(args, kwargs)
             self._block_inputs[layer] = (hidden, encoder)
             new_h, new_e = hidden, encoder
             for g, edits in groups:

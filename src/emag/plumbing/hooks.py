@@ -5,7 +5,7 @@ A pipeline call installs hooks on modules that other threads may run at the same
 pipeline wrapping the same transformer, a plain diffusers call in a web server's worker). A hook
 registered through :class:`CallHooks` passes through unchanged when it fires in another thread, so
 another thread's forward pass never sees this call's edits; the calls themselves are serialised per
-transformer by :mod:`emag.pipelines._exclusive`.
+transformer by :mod:`emag.plumbing.exclusive`.
 """
 
 from __future__ import annotations
