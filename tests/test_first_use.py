@@ -30,7 +30,6 @@ def dit_dir(tmp_path_factory):
 def no_download(monkeypatch):
     """A download attempt fails as it does offline (and never reaches the network, whatever HF_HUB_OFFLINE says);
     a cache look-up (local_files_only=True) finds nothing."""
-    import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     calls = []

@@ -11,12 +11,35 @@ reference scheduler are loaded on first use.
 import importlib
 
 from .families import FAMILIES, ModelFamily
-from .guidance import APG, CADS, CFG, EMAG, ERG, PAG, S2, SAG, SEG, SLG, STG, TPG, Autoguidance, CFGZeroStar
+from .guidance import (
+    APG,
+    CADS,
+    CFG,
+    EMAG,
+    ERG,
+    PAG,
+    S2,
+    SAG,
+    SEG,
+    SLG,
+    STG,
+    TPG,
+    Autoguidance,
+    CFGZeroStar,
+)
 from .guidance.emag import PRESETS, Preset, ResolvedEMAG, get_preset
 from .layers import parse_layers
 from .loading import MissingWeightsError, ModelLoadError
 from .plumbing.exclusive import PipelineBusyError
-from .windows import GuiderWindow, RemainingStepsWindow, SD3ReferenceWindow, SigmaInterval, StepContext, StrictWindow, Window
+from .windows import (
+    GuiderWindow,
+    RemainingStepsWindow,
+    SD3ReferenceWindow,
+    SigmaInterval,
+    StepContext,
+    StrictWindow,
+    Window,
+)
 
 __version__ = "0.1.0"
 

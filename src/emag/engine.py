@@ -18,7 +18,7 @@ One :class:`GuidanceEngine` serves one pipeline call. Per step it
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .combination import COMBINE_SPACES, combine
 from .guidance.base import Branch, TermRuntime
 from .guidance.call import step_needs_uncond
-from .math.combine import merge_guided_channels
 from .plumbing.edits import EditScope, ForwardPlan, RowGroup
 from .plumbing.runner import RunState
 from .windows import StepContext
@@ -37,54 +37,6 @@ BATCHING = ("normal", "all", "none", "auto")
 # Stage 0: the normal branches and every extra branch evaluated from x_t; stage 1: branches whose input
 # or edits depend on stage 0's outputs (SAG's degraded input, the DiT protocol's block choice).
 STAGES = (0, 1)
-COMBINE_SPACES = ("auto", "x0")
-
-
-class Predictions(Mapping):
-    """Branch predictions of one step in the combine space, plus what terms may need to convert."""
-
-    def __init__(self, preds: dict[str, Tensor], inputs: dict[str, Tensor], x: Tensor, space: str, param: Any,
-                 channels: int, native: dict[str, Tensor] | None = None) -> None:
-        self._preds, self.inputs, self.x, self.space, self.param, self.channels = preds, inputs, x, space, param, channels
-        self._native = preds if native is None and space == "native" else native
-        self._other: dict[str, Predictions] = {}  # converted copies (never self: no reference cycle)
-
-    def in_space(self, space: str) -> "Predictions":
-        """The same branch predictions in ``space`` (``"native"`` or ``"x0"``), converted from the model's
-        outputs with each branch's own input."""
-        if space == self.space:
-            return self
-        if space not in self._other:
-            if self._native is None:
-                raise RuntimeError("These predictions were built without the native outputs.")
-            preds = {name: self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], eps) if space == "x0"
-                     else eps for name, eps in self._native.items()}
-            self._other[space] = Predictions(preds, self.inputs, self.x, space, self.param, self.channels, self._native)
-        return self._other[space]
-
-    def __getitem__(self, name: str) -> Tensor:
-        return self._preds[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._preds)
-
-    def __len__(self) -> int:
-        return len(self._preds)
-
-    def x0_of(self, name: str) -> Tensor:
-        """The x0 estimate of a branch from its own input (SAG's degraded input differs from x_t)."""
-        p = self._preds[name]
-        return p if self.space == "x0" else self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], p)
-
-
-def _convert(t: Tensor | None, frm: str, to: str, x: Tensor, param: Any, delta: bool = False) -> Tensor | None:
-    """A prediction (or, ``delta=True``, a difference of predictions) at input ``x`` from space ``frm``
-    to space ``to``: the affine map between the model's native output and x0 (its linear part for a
-    difference)."""
-    if t is None or frm == to:
-        return t
-    f = param.to_x0 if to == "x0" else param.from_x0
-    return f(x, t) - f(x, torch.zeros_like(t)) if delta else f(x, t)
 
 
 def free_accelerator_memory() -> int | None:
@@ -169,7 +121,7 @@ class GuidanceEngine:
             todo = [Branch(n, n) for n in normal] if stage == 0 else []
             for group in self._passes(todo + extra, normal, conditions):
                 self._run(group, x, t, ctx, active, conditions, outputs, inputs)
-        guided = self._combine(x, ctx, active, outputs, inputs)
+        guided = combine(active, outputs, inputs, x, ctx, self.channels, self.guided_channels, self.combine_space)
         finite = bool(torch.isfinite(guided).all())  # one reduction per step
         if active and not finite:
             self._non_finite(x, ctx, active, outputs, guided.dtype)
@@ -383,57 +335,4 @@ class GuidanceEngine:
     def _patch(self) -> int:
         return int(getattr(self.scope.transformer.config, "patch_size", 1) or 1)
 
-    # -- combination -------------------------------------------------------------------------------
-    def _combine(self, x, ctx, active, outputs, inputs) -> Tensor:
-        ch = self.channels
-        # nothing active: the conditional prediction itself (no round trip through x0 space)
-        space = "x0" if active and (self.combine_space == "x0" or any(r.space == "x0" for r in active)) else "native"
-        spaces = {space} | {r.space for r in active if r.space_sensitive} | {
-            r.post_space for r in active if r.post_space}
-        if spaces != {"native"} and ctx.param is None:
-            raise ValueError("Combining in x0 space needs the step's parametrisation (scheduler not supported).")
-        native = {name: out[:, :ch] for name, out in outputs.items()}
-        p = Predictions(native, inputs, x, "native", ctx.param, ch).in_space(space)
-        xs = x[:, :ch]
-
-        def run(term, fn, *tensors, delta=False, own=None):
-            """``fn(p, *tensors)`` in the space ``term`` computes in (its own when its result depends on the
-            space, guidance-methods.md 0.2; ``own`` overrides it), converted from and back to the combine
-            space."""
-            own = own or (term.space if term.space_sensitive else space)
-            if own == space:
-                return fn(p, *tensors)
-            out = fn(p.in_space(own), *(_convert(t, space, own, xs, ctx.param) for t in tensors))
-            return _convert(out, own, space, xs, ctx.param, delta=delta)
-
-        c = p["cond"]
-        u = p.get("uncond")
-        base = next((r for r in active if r.kind == "base"), None)
-        governs = (lambda r: base) if base is not None and base.space_sensitive else (lambda r: r)
-        refined = c
-        for r in active:
-            if r.kind == "refine":
-                refined = run(governs(r), (lambda q, t, r=r: base.apply_refine(r, t, q, ctx)) if base is not None
-                              else (lambda q, t, r=r: r.refine(t, q, ctx)), refined)
-        for r in active:
-            if r.kind == "uncond":
-                u = run(r, lambda q, r=r: r.replace_uncond(q, ctx))
-        guided = run(base, lambda q, t, v: base.combine(t, v, q, ctx), refined, u) if base is not None else refined
-        for r in active:
-            if r.kind == "additive":
-                guided = guided + run(governs(r), (lambda q, t, r=r: base.apply_delta(r, t, q, ctx)) if base is not None
-                                      else (lambda q, t, r=r: r.delta(t, q, ctx)), c, delta=True)
-        if base is not None:
-            guided = run(base, lambda q, g, t: base.post(g, t, ctx), guided, c, own=base.post_space)
-            if base.zero_output(ctx):
-                # CFG-Zero*'s zero-init: the step's whole output is zero (guidance-methods.md 1.4), the other
-                # terms included; they were still evaluated (their per-step state and RNG streams advance)
-                return torch.zeros_like(outputs["cond"])
-        if space == "x0":
-            guided = ctx.param.from_x0(x[:, :ch], guided)
-        if guided is outputs["cond"][:, :ch] and self.guided_channels == ch and outputs["cond"].shape[1] == ch:
-            return outputs["cond"]
-        return merge_guided_channels(guided, outputs["cond"], self.guided_channels)
-
-
-__all__ = ["BATCHING", "COMBINE_SPACES", "GuidanceEngine", "Predictions"]
+__all__ = ["BATCHING", "GuidanceEngine", "STAGES"]

@@ -24,16 +24,30 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .digits import bundled_model_path
 from .dtypes import FLOAT_DTYPES, MODEL_DTYPES
 from .engine import BATCHING
 from .families import ModelFamily
 from .guidance.base import GuidanceConfig, Setup
-from .guidance.call import guided_channels_of, make_runtimes, uses_uncond, with_defaults, with_paired_cfg
+from .guidance.call import (
+    guided_channels_of,
+    make_runtimes,
+    uses_uncond,
+    with_defaults,
+    with_paired_cfg,
+)
 from .guidance.emag import EMAG, PRESETS, Preset, get_preset, resolve
 from .guidance.registry import build_term, get_method
-from .io import read_png_params, repair_sidecar
-from .loading import check_snapshot, load_pipeline, locate_model, model_family, read_component_config, read_model_index
 from .inputs import check_count
+from .io import read_png_params, repair_sidecar
+from .loading import (
+    check_snapshot,
+    load_pipeline,
+    locate_model,
+    model_family,
+    read_component_config,
+    read_model_index,
+)
 from .schedulers import dit_reference_scheduler
 from .threads import choose_threads, torch_threads, transformer_parameters
 
@@ -102,8 +116,6 @@ def _model_facts(model: str | None, allow_download: bool) -> ModelFacts:
     """The model folder (the bundled digits model when ``model`` is None), checked: every listed component
     present, weights readable (headers only), the transformer of the pipeline's family."""
     if model is None:
-        from .digits import bundled_model_path  # the bundled model's package (assets, classifier)
-
         folder, name = bundled_model_path(), "bundled:digits"
     else:
         folder, name = locate_model(model, allow_download), str(model)

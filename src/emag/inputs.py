@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from ._warnings import warn as _warn
-from .engine import BATCHING, COMBINE_SPACES
+from .combination import COMBINE_SPACES
+from .engine import BATCHING
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 

@@ -18,7 +18,13 @@ from huggingface_hub.constants import is_offline_mode
 from huggingface_hub.utils import validate_repo_id
 from safetensors import safe_open
 
-from .families import FAMILIES, ModelFamily, family_of_pipeline, family_of_transformer_config, hub_models
+from .families import (
+    FAMILIES,
+    ModelFamily,
+    family_of_pipeline,
+    family_of_transformer_config,
+    hub_models,
+)
 
 
 class MissingWeightsError(FileNotFoundError):

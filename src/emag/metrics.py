@@ -30,7 +30,7 @@ import warnings
 
 import numpy as np
 import torch
-
+from scipy import linalg
 
 
 def _np64(x) -> np.ndarray:
@@ -69,8 +69,6 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
 def _sqrtm(m: np.ndarray) -> np.ndarray | None:
     """``scipy.linalg.sqrtm(m)`` (the principal square root, as pytorch-fid and the ADM evaluator take it),
     or None if it is not finite."""
-    from scipy import linalg
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # "singular matrix": judged by finiteness below
         try:

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 # Below this many (transformer parameters x image tokens per sample) a run uses one CPU thread: the
 # digits model is 0.8 M x 64 = 5e7; a 3.8 M-parameter DiT at 64 tokens (2.5e8) already ran 1.18x faster
@@ -29,8 +30,6 @@ THREAD_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 def transformer_parameters(folder: Path) -> int | None:
     """The number of parameters of ``folder/transformer`` from its safetensors headers (no tensor is
     read), or None when its weights are not safetensors."""
-    from safetensors import safe_open
-
     files = sorted((Path(folder) / "transformer").glob("*.safetensors"))
     if not files:
         return None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import pathlib
 from importlib import resources
 
+from ..families import DIT
 from .data import CLASS_NAMES, IMAGE_SIZE, NUM_CLASSES
 
 NULL_CLASS = NUM_CLASSES  # the unconditional class id of the bundled DiT
@@ -41,14 +42,12 @@ def bundled_model_path() -> pathlib.Path:
 
 def load_digits_pipeline(device="cpu"):
     """The bundled :class:`emag.DiTEMAGPipeline` (pixel space, ``vae=None``), on ``device``, float32."""
-    from ..pipelines import DiTEMAGPipeline
-
     folder = bundled_model_path()
     if not (folder / "model_index.json").is_file():
         raise FileNotFoundError(
             f"The bundled digits model is missing from {folder}; regenerate it with `python scripts/train_digits.py`."
         )
-    pipe = DiTEMAGPipeline.from_pretrained(str(folder))
+    pipe = DIT.pipeline_class().from_pretrained(str(folder))  # imports diffusers' pipelines on first use
     pipe.transformer.eval()
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

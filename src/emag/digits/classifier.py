@@ -24,7 +24,10 @@ from functools import lru_cache
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+
+from . import assets_path
 
 DEFAULT_ARCHITECTURE: dict[str, Any] = {"channels": [32, 32, 64], "feature_dim": 64, "num_classes": 10,
                                         "dropout": 0.2, "image_size": 8}
@@ -54,8 +57,6 @@ class DigitClassifier(nn.Module):
 
 
 def bundled_classifier_path() -> pathlib.Path:
-    from . import assets_path
-
     return assets_path() / "digits-classifier"
 
 
@@ -67,8 +68,6 @@ def read_config(folder: str | pathlib.Path | None = None) -> dict[str, Any]:
 
 def load_classifier(folder: str | pathlib.Path | None = None, device="cpu") -> DigitClassifier:
     """The trained classifier (eval mode) from ``folder`` (default: the bundled one)."""
-    from safetensors.torch import load_file
-
     folder = pathlib.Path(folder) if folder is not None else bundled_classifier_path()
     if not (folder / "model.safetensors").is_file():
         raise FileNotFoundError(f"No classifier in {folder}; train it with `python scripts/train_digits_classifier.py`.")

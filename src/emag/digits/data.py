@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from PIL import Image
 
 NUM_CLASSES = 10
 IMAGE_SIZE = 8
@@ -79,8 +80,6 @@ def train_heldout_split(labels: np.ndarray | torch.Tensor, heldout_fraction: flo
 def image_grid(images: torch.Tensor, nrow: int, scale: int = 8, pad: int = 1, value_range=(0.0, 1.0)):
     """A PIL grid of ``[N, 1, H, W]`` images (row-major, ``nrow`` images per row), each pixel enlarged
     ``scale`` times (nearest neighbour), ``pad`` grid lines of mid grey between images."""
-    from PIL import Image
-
     lo, hi = value_range
     x = ((images.detach().float().cpu() - lo) / (hi - lo)).clamp(0, 1)[:, 0]
     n, h, w = x.shape

@@ -13,6 +13,7 @@ import torch
 
 from ..guidance.emag import EMAG
 from . import DEFAULT_EMAG_LAYERS, NUM_CLASSES
+from .classifier import predict
 
 PROTOCOL: dict[str, Any] = {
     "seeds": [0, 1],                    # one batch of the 10 classes per seed
@@ -50,8 +51,6 @@ def reference_samples(pipe, with_emag: bool = False, protocol: dict[str, Any] = 
 def sample_statistics(images: torch.Tensor, classifier=None) -> dict[str, Any]:
     """Summary numbers of ``[N, 1, 8, 8]`` images in [0, 1]: per-image means, overall mean/std, the
     mean image (64 values), and the digit classifier's predictions."""
-    from .classifier import predict
-
     x = images.double()
     return {
         "num_images": int(x.shape[0]),

@@ -30,6 +30,7 @@ from ..math.combine import cfg
 from ..windows import StepContext
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from .cfg import RescaleRuntime, check_rescale
+from .perturbation import PerturbationRuntime
 
 TARGETS = ("cfg", "pert", "both")
 THRESHOLD_MODES = ("absolute", "rms")
@@ -266,8 +267,6 @@ class APGRuntime(RescaleRuntime):
 
 def additive_parts(term: TermRuntime, c: Tensor, p, ctx: StepContext, target: str) -> tuple[float, Tensor]:
     """``(s, c - p)`` of an additive term: its own ``delta_parts``, or the canonical perturbation form."""
-    from .perturbation import PerturbationRuntime
-
     parts = term.delta_parts(c, p, ctx)
     if parts is None and isinstance(term, PerturbationRuntime) and type(term).delta is PerturbationRuntime.delta:
         parts = (term.config.scale, c - p[term.branch_name])
@@ -277,4 +276,4 @@ def additive_parts(term: TermRuntime, c: Tensor, p, ctx: StepContext, target: st
     return parts
 
 
-__all__ = ["APG", "APG_DEFAULTS", "APGRuntime", "apg_clamp", "apg_momentum", "apg_project", "apg_update"]
+__all__ = ["APG", "APGRuntime", "apg_clamp", "apg_momentum", "apg_project", "apg_update"]

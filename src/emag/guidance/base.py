@@ -26,7 +26,14 @@ from torch import Tensor
 
 from ..families import ModelFamily
 from ..plumbing.edits import AttentionEdit, BlockEdit
-from ..windows import AllSteps, SigmaInterval, StepContext, StepWindow, Window, as_window
+from ..windows import (
+    AllSteps,
+    SigmaInterval,
+    StepContext,
+    StepWindow,
+    Window,
+    as_window,
+)
 
 KINDS = ("refine", "uncond", "base", "additive", "condition")
 

@@ -10,7 +10,6 @@ from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from .perturbation import IdentityAttention, PerturbationRuntime, resolve_layers
 
 
-
 @dataclass(frozen=True)
 class PAG(GuidanceConfig):
     """``D += s (c - c_PAG)``: the weak branch replaces the self-attention map of ``layers`` by the identity.

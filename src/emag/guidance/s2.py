@@ -36,7 +36,13 @@ from torch import Tensor
 from ..layers import LayerSpec, parse_layers
 from ..windows import StepContext
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
-from .perturbation import PerturbationRuntime, SkipBlockRows, check_seed, resolve_layers, seeded_generator
+from .perturbation import (
+    PerturbationRuntime,
+    SkipBlockRows,
+    check_seed,
+    resolve_layers,
+    seeded_generator,
+)
 
 FORMS = {"contrastive": 1.0, "literal": 0.25}  # form -> default omega
 SPACES = ("native", "x0")

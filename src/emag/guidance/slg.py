@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..layers import LayerSpec, parse_layers
-from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from ..windows import StrictWindow
-from .perturbation import IdentityAttention, PerturbationRuntime, SkipBlock, resolve_layers
-
+from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
+from .perturbation import (
+    IdentityAttention,
+    PerturbationRuntime,
+    SkipBlock,
+    resolve_layers,
+)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,12 @@ from ..layers import LayerSpec, parse_layers
 from ..plumbing.edits import BlockEdit
 from ..windows import StepContext
 from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
-from .perturbation import PerturbationRuntime, check_seed, resolve_layers, seeded_generator
+from .perturbation import (
+    PerturbationRuntime,
+    check_seed,
+    resolve_layers,
+    seeded_generator,
+)
 
 # The middle block. The official SDXL setting perturbs its down blocks 6-23; on SD3 / DiT the choice only
 # changes rounding (see the module docstring).

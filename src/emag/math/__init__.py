@@ -5,7 +5,18 @@ method it is compared with, and is unit-tested in isolation.
 """
 
 from .combine import cfg, emag_additive, emag_nested, emag_only, merge_guided_channels
-from .ema import attention_probs, blend, ema_deviation_sums, ema_score, ema_score_per_row, ema_update_, head_chunks, k2idx, renormalize_rows, row_entropy
+from .ema import (
+    attention_probs,
+    blend,
+    ema_deviation_sums,
+    ema_score,
+    ema_score_per_row,
+    ema_update_,
+    head_chunks,
+    k2idx,
+    renormalize_rows,
+    row_entropy,
+)
 from .selection import select_layers
 
 __all__ = [

@@ -17,8 +17,8 @@ from ..guidance.base import GuidanceConfig, Setup, TermRuntime
 from ..guidance.call import guided_channels_of, make_runtimes, uses_uncond
 from ..loading import from_pretrained_checked
 from ..plumbing.edits import EditScope
-from ..windows import StepContext
 from ..plumbing.exclusive import PerThread
+from ..windows import StepContext
 
 
 class GuidedPipeline:

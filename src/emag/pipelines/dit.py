@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, DiTPipeline, DiTTransformer2DModel
-from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers
 from diffusers.utils.torch_utils import randn_tensor
 
 from .._warnings import warn
@@ -28,13 +27,20 @@ from ..families import DIT
 from ..guidance.call import call_defaults, given_terms, terms_of_call
 from ..guidance.call import noise_layout as term_noise_layout
 from ..guidance.emag import EMAG
+from ..inputs import (
+    check_count,
+    check_generator,
+    check_guidance_scale,
+    check_latents,
+    check_options,
+    check_output_type,
+    class_ids,
+)
 from ..parametrization import EpsilonVP
 from ..plumbing.conditions import ClassCondition
-from ..windows import StepContext
 from ..plumbing.exclusive import one_call_at_a_time
+from ..windows import StepContext
 from ._guided import GuidedPipeline
-from ..inputs import (check_count, check_generator, check_guidance_scale, check_latents, check_options,
-                      check_output_type, class_ids)
 
 NOISE_LAYOUTS = ("doubled", "samples")
 

@@ -14,19 +14,24 @@ import torch
 from diffusers import StableDiffusion3Pipeline
 from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
 from diffusers.image_processor import PipelineImageInput
-from diffusers.pipelines.stable_diffusion_3.pipeline_output import StableDiffusion3PipelineOutput
-from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift, retrieve_timesteps
+from diffusers.pipelines.stable_diffusion_3.pipeline_output import (
+    StableDiffusion3PipelineOutput,
+)
+from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+    calculate_shift,
+    retrieve_timesteps,
+)
 
 from ..families import SD3
 from ..guidance.call import terms_of_call, text_weakenings
 from ..guidance.emag import EMAG
+from ..inputs import check_sd3_call, warn_unused_negative
 from ..parametrization import FlowMatching
 from ..plumbing.conditions import TextCondition
+from ..plumbing.exclusive import one_call_at_a_time
 from ..plumbing.text_weakening import TEXT_ENCODERS, TextWeakening, scaled_queries
 from ..windows import StepContext
-from ..plumbing.exclusive import one_call_at_a_time
 from ._guided import GuidedPipeline
-from ..inputs import check_sd3_call, warn_unused_negative
 
 
 class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):

@@ -48,7 +48,7 @@ class _SDPARouter(TorchFunctionMode):
 def _hidden_states_of(args: tuple, kwargs: dict) -> Tensor:
     hidden = kwargs.get("hidden_states", args[0] if args else None)
     if hidden is None:
-        raise RuntimeError("EMAG could not find `hidden_states` in the attention module's inputs.")
+        raise RuntimeError("Could not find `hidden_states` in the attention module's inputs (guidance edits need it).")
     return hidden
 
 

@@ -7,7 +7,14 @@ EMA, score, block choice and storage), ``edits`` (the attention edits that feed 
 
 from .config import EMAG, PRESETS, Preset, check_preset_family, get_preset
 from .runtime import EMAGRuntime, StepRecord
-from .settings import COMBINATIONS, EMA_STORAGES, TRACKED_ROWS, VARIANTS, ResolvedEMAG, resolve
+from .settings import (
+           COMBINATIONS,
+           EMA_STORAGES,
+           TRACKED_ROWS,
+           VARIANTS,
+           ResolvedEMAG,
+           resolve,
+)
 
 __all__ = ["COMBINATIONS", "EMAG", "EMAGRuntime", "EMA_STORAGES", "PRESETS", "Preset", "ResolvedEMAG", "StepRecord",
            "TRACKED_ROWS", "VARIANTS", "check_preset_family", "get_preset", "resolve"]

@@ -22,11 +22,15 @@ from torch import Tensor
 
 from ...families.base import AttentionGeometry
 from ...math.ema import blend, ema_deviation_sums, ema_update_, head_chunks, row_entropy
-from ...math.factored_ema import StoredUpdate, decay_and_append, factored_output, factored_statistics
+from ...math.factored_ema import (
+    StoredUpdate,
+    decay_and_append,
+    factored_output,
+    factored_statistics,
+)
 from ...math.selection import select_layers, select_layers_per_row
 from ...plumbing.edits import AttentionInfo
 from .settings import ResolvedEMAG
-
 
 # the EMA is fed by chunks of heads of at most this many elements (the temporaries of one chunk)
 FEED_CHUNK_ELEMENTS = 1 << 22
