@@ -1,4 +1,4 @@
-"""A deliberately simple, independent EMAG written from shared/spec/emag.md for the tests.
+"""A deliberately simple, independent EMAG written from the method description (docs/method.md) for the tests.
 
 Nothing here imports the emag package. It uses its own attention processors (explicit softmax maps),
 runs a second FULL forward pass at every step exactly as the reference scripts do, keeps the spec's
@@ -152,7 +152,7 @@ def _choose(states: dict, layers: list[int], mode: int, per_sample: bool, batch:
 def ref_sd3_sample(pipe, embeds, latents, num_steps, cfg_scale, emag_scale, layers, *, beta=0.988, lam=1.0,
                    variant="full", rows="image_rows", mode=2, combo="No", ema_dtype=torch.float16,
                    per_sample=False, fused_when_idle=True):
-    """Straightforward SD3 EMAG sampling (emag.md 5.1): two full calls on the doubled batch per step.
+    """Straightforward SD3 EMAG sampling (docs/method.md section 7.1): two full calls on the doubled batch per step.
 
     "Only_EMAG" keeps the doubled batch while the CFG flag is on (``cfg_scale > 1``): its unconditional
     rows feed the EMA and the batch-global score, their output is unused."""
@@ -245,7 +245,7 @@ class RefSelfProcessor:
 def ref_dit_sample(pipe, labels, latents, num_steps, cfg_scale, emag_scale, layers, generator, *, ema=(50, 150),
                    apply=(50, 100), mode=2, combo="cond", beta=0.988, variant="full", per_sample=False,
                    fused_when_idle=True, channels=3):
-    """Straightforward DiT EMAG sampling (emag.md 5.2): three unbatched passes per step, or the additive
+    """Straightforward DiT EMAG sampling (docs/method.md section 7.2): three unbatched passes per step, or the additive
     reference with a doubled batch. ``ema`` / ``apply`` are inclusive bounds on steps remaining."""
     tr, sched = pipe.transformer, pipe.scheduler
     states = {l: _State(beta, 1.0, torch.float32, score_after=True) for l in layers}

@@ -74,7 +74,7 @@ def test_neutral_nested_is_plain_cfg_on_the_same_rows(pipe, variant):
 
 
 def test_emag_guides_three_of_four_channels_by_default_as_the_reference(pipe):
-    """emag.md 5.2: the DiT combination is applied to the first 3 latent channels; the 4th and the
+    """docs/method.md section 7.2: the DiT combination is applied to the first 3 latent channels; the 4th and the
     variance channels come from the conditional prediction. Default EMAG at w_e = 1 is therefore the
     original DiT sampler's CFG, not diffusers' 4-channel one."""
     kw = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=1.5,
@@ -113,7 +113,7 @@ def test_equals_the_straightforward_reference(pipe, variant, selection, mode, co
 @pytest.mark.parametrize("w", [1.0, 0.5])
 def test_cfg_scale_at_or_below_one_follows_the_reference_formula(pipe, w):
     """The DiT reference runs cond, uncond (both feed the EMA) and perturbed passes every step and returns
-    u + w (eps' - u) for any w (emag.md 5.2): at w = 1 the unconditional pass still feeds the EMA, and
+    u + w (eps' - u) for any w (docs/method.md section 7.2): at w = 1 the unconditional pass still feeds the EMA, and
     w < 1 is not diffusers' "no CFG"."""
     ref, _ = ref_dit_sample(pipe, [1, 2], dit_latents(2), N, w, 3.0, LAYERS, gen(), ema=EMA, apply=APPLY)
     e = emag.EMAG(scale=3.0, layers=LAYERS, guided_channels=3, **windows())
@@ -235,7 +235,7 @@ def test_bad_inputs(pipe, kwargs, match):
 
 
 def test_emag_defaults_are_the_reference_protocol(pipe, base):
-    """emag.md 5.2: with EMAG the DiT pipeline defaults to CFG 1.5 and the 250-step sampler (whose absolute
+    """docs/method.md section 7.2: with EMAG the DiT pipeline defaults to CFG 1.5 and the 250-step sampler (whose absolute
     windows then open); without EMAG it keeps diffusers' 4.0 and 50 steps."""
     pipe(class_labels=[1], output_type="latent", generator=gen(), emag=emag.EMAG(layers=LAYERS))
     assert pipe.scheduler.num_inference_steps == 250 and any(r.apply for r in pipe.emag_trace)
@@ -249,7 +249,7 @@ def test_emag_defaults_are_the_reference_protocol(pipe, base):
 
 
 def test_additive_emag_draws_noise_for_the_doubled_batch_in_either_api(pipe):
-    """emag.md 5.2: the additive reference variant draws ancestral noise for all 2B rows."""
+    """docs/method.md section 7.2: the additive reference variant draws ancestral noise for all 2B rows."""
     e = emag.EMAG(scale=3.0, layers=LAYERS, combination="additive", **windows("additive"))
     kw = dict(class_labels=[1, 2], latents=dit_latents(2), num_inference_steps=N, guidance_scale=1.5,
               output_type="latent")

@@ -1,4 +1,4 @@
-"""The memory-light (factored) full-map EMA equals the dense EMA held in float32 (emag.md section 6.4)."""
+"""The memory-light (factored) full-map EMA equals the dense EMA held in float32 (docs/speed-and-memory.md section 4)."""
 
 import pytest
 import torch

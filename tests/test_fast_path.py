@@ -1,4 +1,4 @@
-"""EMAG's fast path (exact savings of emag.md section 6) equals the straightforward path."""
+"""EMAG's fast path (the exact savings of docs/speed-and-memory.md section 2) equals the straightforward path."""
 
 import pytest
 import torch

@@ -132,7 +132,7 @@ def test_combinations_match_their_equations():
     assert torch.equal(emag_nested(u32, c32, ce32, w, 1.0), cfg(u32, c32, w))
     assert torch.equal(emag_additive(u32, c32, ce32, w, 0.0), cfg(u32, c32, w))
     assert torch.equal(emag_only(c32, ce32, 1.0), c32)
-    # in the model's float16, evaluated exactly as the reference writes it (emag.md 5.1): c_e + w_e (c - c_e)
+    # in the model's float16, evaluated exactly as the reference writes it (docs/method.md section 5): c_e + w_e (c - c_e)
     c16, ce16, u16 = (t.half() for t in (c, ce, u))
     literal = ce16 + we * (c16 - ce16)
     assert torch.equal(emag_only(c16, ce16, we), literal)

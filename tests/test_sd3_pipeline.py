@@ -93,7 +93,7 @@ def test_feeding_the_ema_by_head_chunks_equals_the_reference(pipe, monkeypatch, 
 
 @pytest.mark.parametrize("variant", ["full", "q"])
 def test_only_emag_scores_the_unconditional_rows_while_the_cfg_flag_is_on(pipe, variant):
-    """emag.md 4 and 5.1: "Only_EMAG" keeps the reference's doubled batch when its CFG flag is on, so the
+    """docs/method.md sections 4 and 7.1: "Only_EMAG" keeps the reference's doubled batch when its CFG flag is on, so the
     unconditional rows enter the batch-global score (their output is unused); at w = 1 the batch is single."""
     scores = {}
     for w in (5.0, 1.0):

@@ -37,7 +37,7 @@ def test_sd3_reference_window_matches_table_at_28():
 
 
 def test_the_reference_slg_window_and_diffusers_guider_windows():
-    """guidance-methods.md 0.3: the SD3.5 reference's ``i > N*start and i < N*stop`` and diffusers' guiders'
+    """docs/method.md section 6.4: the SD3.5 reference's ``i > N*start and i < N*stop`` and diffusers' guiders'
     ``int(start*N) <= i < int(stop*N)`` (strict lower bound for perturbation guiders)."""
     for n in (10, 28, 50, 100):
         assert window_steps(StrictWindow(0.01, 0.2), n) == [i for i in range(n) if i > n * 0.01 and i < n * 0.2]

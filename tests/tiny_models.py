@@ -1,6 +1,6 @@
 """Tiny, randomly initialised diffusers models built in-process (no hub, no network).
 
-Recipes follow shared/spec/diffusers-integration.md. DiT's zero-initialised output and adaLN layers
+Recipes: docs/verification.md section 1. DiT's zero-initialised output and adaLN layers
 are re-randomised so that predictions and attention maps are non-trivial.
 """
 

@@ -12,7 +12,7 @@ def dit_reference_scheduler(num_train_timesteps: int = 1000) -> DDPMScheduler:
 
     ``DDPMScheduler(linear betas 1e-4..0.02, variance_type="learned_range", clip_sample=False,
     timestep_spacing="linspace")`` with 250 inference steps gives the original respaced schedule's
-    timesteps (999, 995, ..., 0) and variances (emag.md 5.2). Pass the generator to the pipeline so
+    timesteps (999, 995, ..., 0) and variances (docs/method.md section 7.2). Pass the generator to the pipeline so
     that the same noise is drawn for the same seed and batch shape.
     """
     return DDPMScheduler(

@@ -89,7 +89,7 @@ def _check_fractions(start: float, stop: float) -> None:
 
 @dataclass(frozen=True)
 class StrictWindow:
-    """``N * start < i < N * stop``, strict on both sides (guidance-methods.md 0.3, convention 2): the
+    """``N * start < i < N * stop``, strict on both sides (docs/method.md section 6.4): the
     SD3.5 reference's and diffusers' SD3 pipeline's skip-layer-guidance window, evaluated exactly as
     they write it (``i > N * start and i < N * stop``, floats)."""
 
@@ -108,7 +108,7 @@ class StrictWindow:
 
 @dataclass(frozen=True)
 class GuiderWindow:
-    """diffusers' guiders (guidance-methods.md 0.3, convention 1): ``int(start * N) <= i < int(stop * N)``;
+    """diffusers' guiders (docs/method.md section 6.4): ``int(start * N) <= i < int(stop * N)``;
     ``strict_start=True`` is their perturbation guiders' (SLG, PAG, SEG) ``int(start * N) < i``."""
 
     start: float = 0.0
@@ -154,7 +154,7 @@ class SD3ReferenceWindow:
     """The SD3 reference window in units of a 250-step schedule, mapped with :func:`k2idx`.
 
     With ``s = N - 1 - i`` steps remaining: active iff ``k2idx(stop) <= s <= k2idx(start) - k2idx(delta)``
-    (emag.md 5.1). The EMA window is ``(start=250, stop=50, delta=0)``; the replacement window is
+    (docs/method.md section 6.2). The EMA window is ``(start=250, stop=50, delta=0)``; the replacement window is
     ``(250, 50, delta=50)``. At N = 28 they are steps 0..22 and 5..22.
     """
 

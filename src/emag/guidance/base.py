@@ -103,7 +103,7 @@ class TermRuntime:
     kind: str = "additive"
     space: str = "native"  # "native" or "x0"
     # True when the term's result depends on the space it is computed in (non-affine or branch weights not
-    # summing to one, guidance-methods.md 0.2): it is then always computed in ``space`` and converted,
+    # summing to one, docs/guidance-methods.md section 2.2): it is then always computed in ``space`` and converted,
     # whatever space the other terms are combined in
     space_sensitive: bool = False
     # base terms: the space ``post`` (e.g. CFG rescale) runs in; None = the combine space

@@ -1,9 +1,9 @@
-"""How the branch predictions are combined into the guided prediction (emag.md section 5).
+"""How the branch predictions are combined into the guided prediction (docs/method.md section 5).
 
 Symbols: ``u``, ``c`` are the unconditional / conditional predictions of the normal pass, ``u_e``,
 ``c_e`` the same from the perturbed (EMAG) pass, ``w`` the CFG scale, ``w_e`` the EMAG scale.
 
-Each combination is evaluated as the reference writes it (emag.md 5.1, 5.2): in float16 a different but
+Each combination is evaluated as the reference writes it (docs/method.md section 5): in float16 a different but
 algebraically equal spelling moves SD3 outputs by ~1e-3 relative over a run. The neutral EMAG scale is
 special-cased so that it reproduces plain CFG bit for bit (the reference's ``c_e + 1 (c - c_e)`` equals
 ``c`` only up to rounding).
@@ -54,7 +54,7 @@ def emag_additive(
 ) -> Tensor:
     """The reference's additive "CFG" mode: ``u + w (c - u) + w_e (c - u_e)``.
 
-    Note that it uses the PERTURBED UNCONDITIONAL prediction ``u_e`` (emag.md 5.1 and 5.2); outside
+    Note that it uses the PERTURBED UNCONDITIONAL prediction ``u_e`` (docs/method.md section 5.2); outside
     the replacement window ``u_e = u`` and it reduces to ``u + (w + w_e)(c - u)``.
     """
     return cfg(pred_uncond, pred_cond, cfg_scale) + emag_scale * (pred_cond - pred_uncond_emag)

@@ -1,7 +1,7 @@
 """The EMA of attention (or of queries) and the statistics EMAG selects layers by.
 
 Paper: Yadav, Huy, Liu, "EMAG: Self-Rectifying Diffusion Sampling with Exponential Moving Average
-Guidance", arXiv 2512.17303. Section references below are to ``shared/spec/emag.md``.
+Guidance", arXiv 2512.17303. Section references below are to docs/method.md.
 """
 
 from __future__ import annotations
@@ -13,14 +13,14 @@ from torch import Tensor
 def k2idx(k: float, num_steps: int, k_base: float = 250.0) -> int:
     """Map a window argument given in units of a ``k_base``-step schedule to a step index.
 
-    ``k2idx(k, N) = clamp(round(k * (N - 1) / k_base), 0, N - 1)`` (emag.md section 5.1). ``round`` is
+    ``k2idx(k, N) = clamp(round(k * (N - 1) / k_base), 0, N - 1)`` (docs/method.md section 6.2). ``round`` is
     Python's round-half-to-even, as in the reference code.
     """
     return max(0, min(num_steps - 1, int(round(k * (num_steps - 1) / float(k_base)))))
 
 
 def ema_update_(ema: Tensor, live: Tensor, beta: float) -> Tensor:
-    """In-place EMA update ``E := beta * E + (1 - beta) * R`` (emag.md section 3), in ``ema``'s dtype.
+    """In-place EMA update ``E := beta * E + (1 - beta) * R`` (docs/method.md section 3), in ``ema``'s dtype.
 
     Written as ``E.mul_(beta).add_(R, alpha=1 - beta)`` because that is the exact floating-point
     sequence the published numbers were made with (bit-exact in float16).
@@ -111,7 +111,7 @@ def renormalize_rows(rows: Tensor) -> Tensor:
     """Divide each attention row by its sum (clamped at 1e-12): used after a partial-row replacement.
 
     Applies to the ``img2img`` / ``img2txt`` tracked-row options, where only part of each image-query
-    row is replaced by its EMA and the row no longer sums to one (emag.md section 3).
+    row is replaced by its EMA and the row no longer sums to one (docs/method.md section 3).
     """
     return rows / rows.sum(dim=-1, keepdim=True).clamp_min(1e-12)
 

@@ -1,7 +1,7 @@
-"""The full-map EMA without storing the map: a weighted sum of past attention maps (emag.md section 6.4).
+"""The full-map EMA without storing the map: a weighted sum of past attention maps (docs/speed-and-memory.md section 4).
 
 The EMA of attention maps after ``n`` updates ``R_1 .. R_n`` (``E := R_1``, then
-``E := beta E + (1 - beta) R``, emag.md section 3) is, exactly,
+``E := beta E + (1 - beta) R``, docs/method.md section 3) is, exactly,
 
     E_n = beta^(n-1) R_1 + sum_{j=2..n} (1 - beta) beta^(n-j) R_j,   R_j = softmax(Q_j K_j^T * s).
 

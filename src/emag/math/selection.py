@@ -1,4 +1,4 @@
-"""Per-step layer choice among the EMAG candidate blocks (emag.md section 4, "adaptive mode").
+"""Per-step layer choice among the EMAG candidate blocks (docs/method.md section 4).
 
 Modes, with the reference code's numbers in brackets:
 - ``"all"`` [0]: perturb every candidate at once.

@@ -33,7 +33,7 @@ class EMAGFeed(AttentionEdit):
     """Feed a group's live attention rows (or image queries) into the EMA; output unchanged."""
 
     modifies_output = False
-    image_rows_only = True  # the tracked rows are image-query rows (emag.md section 3)
+    image_rows_only = True  # the tracked rows are image-query rows (docs/method.md section 3.3)
 
     def __init__(self, state: EMAGState, layer: int, ema_rows: slice, repeats: int = 1) -> None:
         self.state, self.layer, self.ema_rows, self.repeats = state, layer, ema_rows, repeats

@@ -201,7 +201,7 @@ class EMAGState:
             st._entropy[ema_rows] = ent.cpu()
 
     def feed(self, layer: int, live: Tensor, ema_rows: slice) -> None:
-        """Feed ``live`` (the rows ``ema_rows`` of the EMA) into block ``layer``'s EMA (emag.md section 3)."""
+        """Feed ``live`` (the rows ``ema_rows`` of the EMA) into block ``layer``'s EMA (docs/method.md section 3)."""
         live = live.detach()
         self.begin_feed(layer, live.shape, live.device, ema_rows)
         self.feed_heads(layer, live, ema_rows)
