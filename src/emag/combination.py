@@ -55,11 +55,6 @@ class Predictions(Mapping):
     def __len__(self) -> int:
         return len(self._preds)
 
-    def x0_of(self, name: str) -> Tensor:
-        """The x0 estimate of a branch from its own input (SAG's degraded input differs from x_t)."""
-        p = self._preds[name]
-        return p if self.space == "x0" else self.param.to_x0(self.inputs.get(name, self.x)[:, :self.channels], p)
-
 
 def _convert(t: Tensor | None, frm: str, to: str, x: Tensor, param: Any, delta: bool = False) -> Tensor | None:
     """A prediction (or, ``delta=True``, a difference of predictions) at input ``x`` from space ``frm``

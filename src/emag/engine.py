@@ -39,6 +39,21 @@ BATCHING = ("normal", "all", "none", "auto")
 STAGES = (0, 1)
 
 
+@dataclass
+class Step:
+    """One step being evaluated: its input, time and context, the active terms, the (possibly rewritten)
+    conditions, and the branch predictions and inputs gathered so far."""
+
+    x: Tensor
+    t: Tensor
+    ctx: StepContext
+    active: list[TermRuntime]
+    conditions: dict[str, Any]
+    grid: tuple[int, int]  # the (H/p, W/p) image-token grid
+    outputs: dict[str, Tensor] = field(default_factory=dict)
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+
+
 def free_accelerator_memory() -> int | None:
     """Free bytes on the current CUDA device, or None without CUDA (``batching="auto"``)."""
     if not torch.cuda.is_available():
@@ -102,15 +117,14 @@ class GuidanceEngine:
             if r.kind == "condition":
                 conditions = r.condition(conditions, ctx)
         normal = [n for n in self.backbones["main"].normal_order if n == "cond" or (n == "uncond" and need_uncond)]
-        outputs: dict[str, Tensor] = {}
-        inputs: dict[str, Tensor] = {}
+        step = Step(x, t, ctx, active, conditions, (x.shape[-2] // self._patch(), x.shape[-1] // self._patch()))
         names = set(normal)
         self.last_passes = []
         # block -> branch -> that branch's rows of the state entering the block (from any pass this step)
         self._captured: dict[int, dict[str, RunState]] = {}
         for stage in STAGES:
             for r in active:  # the terms' decisions for this stage (EMAG: its block choice)
-                r.decide(stage, ctx, outputs)
+                r.decide(stage, ctx, step.outputs)
             if stage == 0:
                 self._captures = set().union(*[r.capture_blocks(ctx) for r in active]) if active else set()
             extra: list[Branch] = [b for r in active for b in r.branches(ctx, stage)]
@@ -120,16 +134,18 @@ class GuidanceEngine:
                 names.add(b.name)
             todo = [Branch(n, n) for n in normal] if stage == 0 else []
             for group in self._passes(todo + extra, normal, conditions):
-                self._run(group, x, t, ctx, active, conditions, outputs, inputs)
-        guided = combine(active, outputs, inputs, x, ctx, self.channels, self.guided_channels, self.combine_space)
+                self._run(group, step)
+        guided = combine(active, step.outputs, step.inputs, x, ctx, self.channels, self.guided_channels,
+                         self.combine_space)
         finite = bool(torch.isfinite(guided).all())  # one reduction per step
         if active and not finite:
-            self._non_finite(x, ctx, active, outputs, guided.dtype)
+            self._non_finite(x, ctx, active, step.outputs, guided.dtype)
         self._finite_before = finite
         return guided
 
     @staticmethod
-    def _non_finite(x: Tensor, ctx: StepContext, active: list[TermRuntime], outputs: dict[str, Tensor], dtype) -> None:
+    def _non_finite(x: Tensor, ctx: StepContext, active: list[TermRuntime], outputs: dict[str, Tensor],
+                    dtype: torch.dtype) -> None:
         """A guided prediction with inf / nan from a finite input is an error, not non-finite images: the
         terms' scales overflowed the combination (e.g. ``EMAG(scale=1e30)``), or the earlier steps' guidance
         drove the latents so far that the model's own predictions overflow (one step later). A non-finite
@@ -152,7 +168,7 @@ class GuidanceEngine:
                          f"earlier steps drove them out of range (active terms: {terms}): use smaller scales. With "
                          "latents of ordinary size (a few units), the model itself overflows (e.g. in float16).")
 
-    def _passes(self, todo: list[Branch], normal: list[str], conditions: dict | None = None) -> list[list[Branch]]:
+    def _passes(self, todo: list[Branch], normal: list[str], conditions: dict[str, Any] | None = None) -> list[list[Branch]]:
         by_model: dict[tuple[str, int], list[Branch]] = {}
         for b in todo:  # branches resuming from different blocks share a pass only by joining it
             by_model.setdefault((b.model, b.start_block), []).append(b)
@@ -206,35 +222,35 @@ class GuidanceEngine:
         rows = samples * len(branches)
         return "all" if per_row * rows * 1.25 < free else "normal"
 
-    def _measure(self, device, rows: int, before: int) -> None:
+    def _measure(self, device: torch.device, rows: int, before: int) -> None:
         if device.type != "cuda":
             return
         used = torch.cuda.max_memory_allocated(device) - before
         self._bytes_per_row = max(getattr(self, "_bytes_per_row", 0), used / max(rows, 1))
 
-    def _run(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
+    def _run(self, branches: list[Branch], step: Step) -> None:
+        x = step.x
         measuring = self.batching == "auto" and x.device.type == "cuda"
         if measuring:
             torch.cuda.reset_peak_memory_stats(x.device)
             before = torch.cuda.memory_allocated(x.device)
-        self._run_pass(branches, x, t, ctx, active, conditions, outputs, inputs)
+        self._run_pass(branches, step)
         if measuring:
-            self._measure(x.device, sum(int(outputs[b.name].shape[0]) for b in branches if b.name in outputs), before)
+            rows = sum(int(step.outputs[b.name].shape[0]) for b in branches if b.name in step.outputs)
+            self._measure(x.device, rows, before)
 
-    def _run_pass(self, branches: list[Branch], x, t, ctx, active, conditions, outputs, inputs) -> None:
-        model = branches[0].model
-        start_block = min(b.start_block for b in branches)
-        joiners = [b for b in branches if b.start_block > start_block]  # see _joined
-        branches = [b for b in branches if b.start_block == start_block]
+    def _groups(self, branches: list[Branch], step: Step) -> tuple[list[RowGroup], list[Tensor], list[Any]]:
+        """The row groups of a pass (each branch's rows and edits), the branches' inputs and conditions.
+        The normal branches carry the edits the active terms attach to them (e.g. EMAG's EMA feeds)."""
         xs, conds, groups, start = [], [], [], 0
         for b in branches:
-            xin = b.make_input(outputs, x) if b.make_input is not None else x
+            xin = b.make_input(step.outputs, step.x) if b.make_input is not None else step.x
             n = xin.shape[0]
             if b.name in ("cond", "uncond"):
                 att: dict[int, list] = {}
                 blk: dict[int, list] = {}
-                for r in active:
-                    a2, b2 = r.shared_edits(ctx, b.name)
+                for r in step.active:
+                    a2, b2 = r.shared_edits(step.ctx, b.name)
                     for layer, e in a2.items():
                         att.setdefault(layer, []).extend(e)
                     for layer, e in b2.items():
@@ -243,46 +259,59 @@ class GuidanceEngine:
                 att, blk = b.attention, b.blocks
             groups.append(RowGroup(b.name, start, start + n, att, blk))
             xs.append(xin)
-            conds.append(conditions[b.condition])
-            inputs[b.name] = xin
+            conds.append(step.conditions[b.condition])
+            step.inputs[b.name] = xin
             start += n
+        return groups, xs, conds
+
+    def _run_pass(self, branches: list[Branch], step: Step) -> None:
+        """One forward pass over ``branches`` (those starting at a later block join it there)."""
+        model = branches[0].model
+        start_block = min(b.start_block for b in branches)
+        joiners = [b for b in branches if b.start_block > start_block]  # see _joined
+        branches = [b for b in branches if b.start_block == start_block]
+        groups, xs, conds = self._groups(branches, step)
         for b in joiners:
-            inputs[b.name] = x
+            step.inputs[b.name] = step.x
         self.last_passes.append([b.name for b in branches + joiners])
         backbone = self.backbones[model]
-        if model == "main" and (start_block > 0 or joiners or (self._captures and any(b.name in ("cond", "uncond") for b in branches))
+        captures = self._captures and any(b.name in ("cond", "uncond") for b in branches)
+        if model == "main" and (start_block > 0 or joiners or captures
                                 or any(b.keep_until is not None for b in branches + joiners)):
-            self._run_blocks(branches, groups, xs, t, conds, x, start_block, outputs, joiners)
+            self._run_blocks(branches, groups, xs, conds, start_block, step, joiners)
             return
         if model == "main":
-            grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
-            with self.scope.forward(ForwardPlan(groups, grid)):
-                out = backbone.forward(xs, t, conds)
+            with self.scope.forward(ForwardPlan(groups, step.grid)):
+                out = backbone.forward(xs, step.t, conds)
         else:
             if any(g.attention or g.blocks for g in groups):
                 raise ValueError(f"Edits on the separate model {model!r} are not supported.")
-            out = backbone.forward(xs, t, conds)
+            out = backbone.forward(xs, step.t, conds)
         for g in groups:
-            outputs[g.branch] = out[g.rows]
+            step.outputs[g.branch] = out[g.rows]
 
-    def _run_blocks(self, branches, groups, xs, t, conds, x, start, outputs, joiners=()) -> None:
+    def _start_state(self, branches: list[Branch], xs: list[Tensor], conds: list[Any], start: int,
+                     step: Step) -> RunState:
+        """The state entering block ``start``: the embedded input, or the rows the normal pass captured."""
+        if start == 0:
+            return self.backbones["main"].embed(xs, step.t, conds)
+        if start not in self._captured:
+            raise RuntimeError(f"A branch resumes from block {start} but the normal pass did not capture it.")
+        cap = self._captured[start]
+        missing = [b.source for b in branches if b.source not in cap]
+        if missing:
+            raise RuntimeError(f"Suffix branches resume from {missing}, which no captured pass ran.")
+        return RunState.cat([cap[b.source] for b in branches])
+
+    def _run_blocks(self, branches: list[Branch], groups: list[RowGroup], xs: list[Tensor], conds: list[Any],
+                    start: int, step: Step, joiners: list[Branch] = ()) -> None:
         """Block-by-block execution: capture states for suffix branches, resume from them, let suffix
         branches join the pass (``joiners``), drop rows."""
         backbone = self.backbones["main"]
-        if start == 0:
-            state = backbone.embed(xs, t, conds)
-        else:
-            if start not in self._captured:
-                raise RuntimeError(f"A branch resumes from block {start} but the normal pass did not capture it.")
-            cap = self._captured[start]
-            missing = [b.source for b in branches if b.source not in cap]
-            if missing:
-                raise RuntimeError(f"Suffix branches resume from {missing}, which no captured pass ran.")
-            state = RunState.cat([cap[b.source] for b in branches])
+        state = self._start_state(branches, xs, conds, start, step)
         keep_until = {b.name: b.keep_until for b in list(branches) + list(joiners) if b.keep_until is not None}
         can_drop = not any(getattr(c, "embedding", None) is not None for c in conds)
-        grid = (x.shape[-2] // self._patch(), x.shape[-1] // self._patch())
-        plan = ForwardPlan(groups, grid)
+        plan = ForwardPlan(groups, step.grid)
         joins: dict[int, list[Branch]] = {}
         for b in joiners:
             joins.setdefault(b.start_block, []).append(b)
@@ -291,28 +320,35 @@ class GuidanceEngine:
                 if start == 0 and i in self._captures:
                     self._captured.setdefault(i, {}).update({g.branch: state.rows(g.rows) for g in plan.groups})
                 if i in joins:
-                    state, plan = self._join(state, plan, joins.pop(i), grid)
+                    state, plan = self._join(state, plan, joins.pop(i), step.grid)
                 state = backbone.block(i, state)
                 done = {n for n, j in keep_until.items() if j == i}
                 if done and can_drop:
-                    kept = [g for g in plan.groups if g.branch not in done]
-                    if not kept:
-                        plan = self.scope.plan = ForwardPlan([], grid)
+                    state, plan = self._drop(state, plan, done, step.grid)
+                    if not plan.groups:
                         break
-                    index = torch.cat([torch.arange(g.start, g.stop, device=state.hidden.device) for g in kept])
-                    state = state.rows(index)
-                    regrouped, offset = [], 0
-                    for g in kept:
-                        n = g.stop - g.start
-                        regrouped.append(RowGroup(g.branch, offset, offset + n, g.attention, g.blocks))
-                        offset += n
-                    plan = self.scope.plan = ForwardPlan(regrouped, grid)
             out = backbone.head(state) if plan.groups else None
         for g in plan.groups:
             if g.branch not in keep_until:
-                outputs[g.branch] = out[g.rows]
+                step.outputs[g.branch] = out[g.rows]
 
-    def _join(self, state: RunState, plan: ForwardPlan, joiners: list[Branch], grid) -> tuple[RunState, ForwardPlan]:
+    def _drop(self, state: RunState, plan: ForwardPlan, done: set[str], grid) -> tuple[RunState, ForwardPlan]:
+        """Remove the rows of the observed-only branches ``done`` from the pass (they leave after this block)."""
+        kept = [g for g in plan.groups if g.branch not in done]
+        if not kept:
+            self.scope.plan = ForwardPlan([], grid)
+            return state, self.scope.plan
+        index = torch.cat([torch.arange(g.start, g.stop, device=state.hidden.device) for g in kept])
+        regrouped, offset = [], 0
+        for g in kept:
+            n = g.stop - g.start
+            regrouped.append(RowGroup(g.branch, offset, offset + n, g.attention, g.blocks))
+            offset += n
+        self.scope.plan = ForwardPlan(regrouped, grid)
+        return state.rows(index), self.scope.plan
+
+    def _join(self, state: RunState, plan: ForwardPlan, joiners: list[Branch],
+              grid: tuple[int, int]) -> tuple[RunState, ForwardPlan]:
         """Append the rows of suffix branches entering the current block: copies of their sources' rows."""
         rows = {g.branch: g.rows for g in plan.groups}
         parts, groups, offset = [state], list(plan.groups), int(state.hidden.shape[0])

@@ -92,7 +92,6 @@ class Setup:
     batch_size: int
     device: Any = None
     dtype: Any = None
-    models: dict[str, Any] = field(default_factory=dict)
     uses_uncond: bool = True
     fast: bool = True  # exact savings (suffix execution, skipped identical passes) allowed
 

@@ -136,33 +136,32 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
         runtimes = self._guided_runtimes(terms, setup, contexts)
 
         # -- inputs ---------------------------------------------------------------------------------
-        lora_scale = self.joint_attention_kwargs.get("scale", None) if self.joint_attention_kwargs else None
-        encode = dict(device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
-                      max_sequence_length=max_sequence_length, lora_scale=lora_scale)
-        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
-            prompt=prompt, prompt_2=prompt_2, prompt_3=prompt_3,
-            negative_prompt=negative_prompt, negative_prompt_2=negative_prompt_2, negative_prompt_3=negative_prompt_3,
-            do_classifier_free_guidance=setup.uses_uncond,
-            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
-            pooled_prompt_embeds=pooled_prompt_embeds, negative_pooled_prompt_embeds=negative_pooled_prompt_embeds,
-            **encode,
-        )
+        conditions = self._conditions(
+            setup.uses_uncond, weak_texts, batch_size, (prompt, prompt_2, prompt_3),
+            (negative_prompt, negative_prompt_2, negative_prompt_3),
+            (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+            dict(device=device, clip_skip=self.clip_skip, num_images_per_prompt=num_images_per_prompt,
+                 max_sequence_length=max_sequence_length,
+                 lora_scale=(self.joint_attention_kwargs or {}).get("scale", None)))
+        prompt_embeds, pooled_prompt_embeds = conditions["cond"].embeds, conditions["cond"].pooled
         latents = self.prepare_latents(
             batch_size * num_images_per_prompt, self.transformer.config.in_channels,
             height, width, prompt_embeds.dtype, device, generator, latents,
         )
         self._num_timesteps = num_steps
-        conditions = {"cond": TextCondition(prompt_embeds, pooled_prompt_embeds)}
-        if setup.uses_uncond:
-            conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
-        for w in weak_texts:
-            conditions[w.name] = self._encode_weakened(
-                w, batch_size, (prompt, prompt_2, prompt_3), (negative_prompt, negative_prompt_2, negative_prompt_3),
-                **encode)
         engine = self._guided_engine(terms, runtimes, conditions, setup, batching, combine_space,
                                      joint_attention_kwargs=self.joint_attention_kwargs)
 
-        # -- the sampler loop -------------------------------------------------------------------------
+        latents = self._denoise(engine, latents, timesteps, contexts, num_inference_steps, callback_on_step_end,
+                                callback_on_step_end_tensor_inputs, prompt_embeds, pooled_prompt_embeds)
+        self._record(runtimes)
+        return self._output(latents, output_type, return_dict)
+
+    def _denoise(self, engine, latents, timesteps, contexts, num_inference_steps, callback_on_step_end,
+                 callback_tensor_inputs, prompt_embeds, pooled_prompt_embeds):
+        """The sampler loop of diffusers' SD3 pipeline with the engine's guided prediction at each step
+        (a callback may replace the latents and the conditional embeddings)."""
+        num_steps = len(timesteps)
         num_warmup_steps = max(num_steps - num_inference_steps * self.scheduler.order, 0)
         with engine.installed(), self.progress_bar(total=num_inference_steps) as progress_bar:
             for i, t in enumerate(timesteps):
@@ -176,7 +175,7 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
                 if callback_on_step_end is not None:
                     available = {"latents": latents, "prompt_embeds": prompt_embeds,
                                  "pooled_prompt_embeds": pooled_prompt_embeds}
-                    callback_kwargs = {k: available[k] for k in callback_on_step_end_tensor_inputs}
+                    callback_kwargs = {k: available[k] for k in callback_tensor_inputs}
                     callback_outputs = callback_on_step_end(self, i, t, callback_kwargs)
                     latents = callback_outputs.pop("latents", latents)
                     new_pe = callback_outputs.pop("prompt_embeds", prompt_embeds)
@@ -186,8 +185,24 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
                         engine.conditions["cond"] = TextCondition(prompt_embeds, pooled_prompt_embeds)
                 if i == num_steps - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
-        self._record(runtimes)
-        return self._output(latents, output_type, return_dict)
+        return latents
+
+    def _conditions(self, uses_uncond: bool, weak_texts, batch_size: int, prompts: tuple, negatives: tuple,
+                    embeds: tuple, encode: dict) -> dict[str, TextCondition]:
+        """The branches' text conditions: the prompt's (and the negative prompt's when the call uses the
+        unconditional branch), encoded as diffusers' pipeline does, and each weakened text condition."""
+        prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds = self.encode_prompt(
+            prompt=prompts[0], prompt_2=prompts[1], prompt_3=prompts[2], negative_prompt=negatives[0],
+            negative_prompt_2=negatives[1], negative_prompt_3=negatives[2], do_classifier_free_guidance=uses_uncond,
+            prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], pooled_prompt_embeds=embeds[2],
+            negative_pooled_prompt_embeds=embeds[3], **encode,
+        )
+        conditions = {"cond": TextCondition(prompt_embeds, pooled_prompt_embeds)}
+        if uses_uncond:
+            conditions["uncond"] = TextCondition(negative_prompt_embeds, negative_pooled_prompt_embeds)
+        for w in weak_texts:
+            conditions[w.name] = self._encode_weakened(w, batch_size, prompts, negatives, **encode)
+        return conditions
 
     def _timesteps(self, num_inference_steps, height, width, sigmas, mu, device):
         """The flow-matching schedule (with SD3.5's resolution-dependent shift when configured)."""
