@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from live_memory import FlashAttentionModel, LiveTensorBytes  # noqa: E402
-from speed import SIZES, BlockRows, build, ema_state_mib  # noqa: E402
+from speed import BlockRows, build, ema_state_mib  # noqa: E402
 
 GiB = 2**30
 CASES = {  # name: (size, batch)
