@@ -41,7 +41,7 @@ class LayerState:
     """Per-block EMA state. ``ema`` is ``[R, H, N_i, K]`` (full) or ``[R, H, N_i, d]`` (q), R EMA rows."""
 
     ema: Tensor | None = None
-    filled: Tensor | None = None  # [R] bool: rows that received their first update
+    filled: list[bool] | None = None  # per EMA row: it received its first update
     score: Tensor | None = None  # scalar D, in the EMA dtype
     score_rows: Tensor | None = None  # [R], for per-sample selection
     entropy: Tensor | None = None  # [R] mean row entropy of the last observed map
@@ -50,7 +50,7 @@ class LayerState:
     elements_per_row: int = 0  # factored storage: H * N_i * N_k
     _diff_sum: Tensor | None = None  # sum |E - R| per EMA row in the current update, float64
     _entropy: Tensor | None = None
-    _round: Tensor | None = None  # [R] bool: rows fed in the current update (it may span several passes)
+    _round: list[bool] | None = None  # per EMA row: fed in the current update (it may span several passes)
     _first: bool = False  # the open update is the first one of its rows (E := R)
     _sums: Tensor | None = None  # sum |E - R| per fed row in the open update, float64
     _next_head: int = 0  # the open update has fed the heads before this one
@@ -164,19 +164,19 @@ class EMAGState:
 
     # -- feeding -------------------------------------------------------------------------------------
     def _first_rows(self, st: LayerState, layer: int, ema_rows: slice) -> bool:
-        idx = torch.arange(self.ema_rows)[ema_rows]
-        if bool(st.filled[idx].all()):
+        rows = st.filled[ema_rows]
+        if all(rows):
             return False
-        if bool(st.filled[idx].any()):
+        if any(rows):
             raise RuntimeError(f"EMAG block {layer}: a feed covers partly initialised EMA rows.")
-        st.filled[idx] = True
+        st.filled[ema_rows] = [True] * len(rows)
         return True
 
     def feed_factored(self, layer: int, query: Tensor, key: Tensor, ema_rows: slice, info: AttentionInfo) -> None:
         """:meth:`feed` for factored storage: record the live ``(Q, K)``; the score by a tiled reduction."""
         st = self.states[layer]
         if st.filled is None:
-            st.filled = torch.zeros(self.ema_rows, dtype=torch.bool)
+            st.filled = [False] * self.ema_rows
             st.elements_per_row = query.shape[1] * query.shape[2] * key.shape[2]
         if query.shape[1] * query.shape[2] * key.shape[2] != st.elements_per_row:
             raise RuntimeError(f"EMAG block {layer}: the attention map changed size within one call.")
@@ -215,7 +215,7 @@ class EMAGState:
         shape = (self.ema_rows, *shape[1:])
         if st.ema is None:
             st.ema = torch.zeros(shape, dtype=dtype, device=device)
-            st.filled = torch.zeros(self.ema_rows, dtype=torch.bool)
+            st.filled = [False] * self.ema_rows
         if tuple(st.ema.shape) != shape:
             raise RuntimeError(f"EMAG block {layer}: the EMA has shape {tuple(st.ema.shape)} but this pass gives "
                                f"{tuple(shape)}; the batch or resolution changed within one call.")
@@ -268,22 +268,22 @@ class EMAGState:
             st._entropy[ema_rows] = row_entropy(live.to(self.config.ema_dtype))
 
     def _mark_round(self, st: LayerState, layer: int, ema_rows: slice) -> None:
-        if st._round is None or bool(st._round.all()):
+        if st._round is None or all(st._round):
             # a new update (DiT's normal pass feeds cond then uncond into the same rows in ONE call:
             # two updates, the score of the second one stands)
-            st._round = torch.zeros(self.ema_rows, dtype=torch.bool)
-        idx = torch.arange(self.ema_rows)[ema_rows]
-        if bool(st._round[idx].any()):
+            st._round = [False] * self.ema_rows
+        rows = st._round[ema_rows]
+        if any(rows):
             raise RuntimeError(f"EMAG block {layer}: EMA rows fed twice within one update (rows "
                                f"{ema_rows.start}-{ema_rows.stop - 1} of {self.ema_rows}).")
-        st._round[idx] = True
+        st._round[ema_rows] = [True] * len(rows)
 
     def finish(self, layer: int) -> None:
         """Close one intercepted call. Once every EMA row has been fed (in this call or, when the rows run
         in separate passes, over several), the score over ALL EMA rows, as one whole-tensor update
         gives it."""
         st = self.states[layer]
-        if st._diff_sum is None or not bool(st._round.all()):
+        if st._diff_sum is None or not all(st._round):
             return
         st._round = None
         # dense storage: the mean in the EMA dtype, as one whole-tensor ``mean`` gives it (float16 on SD3)
@@ -298,7 +298,7 @@ class EMAGState:
 
     def _check_fed(self, layer: int, ema_rows: slice) -> LayerState:
         st = self.states[layer]
-        if st.filled is None or not bool(st.filled[torch.arange(self.ema_rows)[ema_rows]].all()):
+        if st.filled is None or not all(st.filled[ema_rows]):
             raise RuntimeError(f"EMAG block {layer} was chosen for replacement before its EMA was fed; "
                                "the replacement window must not start before the EMA window.")
         return st
