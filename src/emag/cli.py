@@ -7,9 +7,13 @@ import sys
 from pathlib import Path
 
 import click
+from tqdm.auto import tqdm
 
 from .dtypes import MODEL_DTYPES
 from .engine import BATCHING
+from .evaluation import PROTOCOLS, FolderError, plan_sampling, process_group, run_sampling
+from .evaluation.sampling import describe
+from .evaluation.scoring import markdown_row, score_folder
 from .families import FAMILIES
 from .generate import check_output_folder, output_path, plan_generation
 from .generate import generate as run
@@ -62,68 +66,65 @@ def _window(value: str | None):
     return (start, stop)
 
 
-@cli.command(epilog=EXAMPLES)
-@click.option("--model", "model", default=None, metavar="PATH|HUB_ID",
-              help="Local diffusers folder or hub id (default: the bundled digits DiT, offline).")
-@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Prompt (SD3); repeat for several.")
-@click.option("--negative-prompt", metavar="TEXT", default=None, help="Negative prompt (SD3).")
-@click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME|null",
-              help="Class (DiT): an id 0..N-1, a name from the model's id2label, or 'null' (the null class: "
-                   "unconditional samples); repeat for several.")
-@click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings preset (default: the paper's for the model family).")
-@click.option("--method", default="emag", show_default=True, metavar="NAME[,NAME...]",
-              help="Guidance method(s) to combine, e.g. 'emag', 'cfg', 'cfg,pag', 'apg,emag' (see `emag methods`).")
-@click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
-              help="A method's parameter, e.g. pag.scale=3 pag.layers=13 seg.sigma=inf (repeatable).")
-@click.option("--scale", type=click.FloatRange(min=0), default=None, help="EMAG scale w_e.")
-@click.option("--layers", metavar="SPEC", default=None, help="Candidate blocks, e.g. '6,7,8' or '12-15'.")
-@click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay in [0, 1).")
-@click.option("--blend", type=click.FloatRange(0, 1), default=None, help="Replacement strength lambda.")
-@click.option("--variant", type=click.Choice(VARIANTS), default=None, help="EMA of attention maps (full) or queries (q).")
-@click.option("--rows", type=click.Choice(TRACKED_ROWS), default=None, help="Tracked attention rows (full variant).")
-@click.option("--selection", type=click.Choice(SELECTION_MODES), default=None, help="Per-step block choice.")
-@click.option("--per-sample/--global-selection", default=None, help="Choose blocks per sample (opt-in).")
-@click.option("--combination", type=click.Choice(COMBINATIONS), default=None, help="How EMAG combines with CFG.")
-@click.option("--ema-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None, help="EMA storage dtype.")
-@click.option("--ema-storage", type=click.Choice(EMA_STORAGES), default=None,
-              help="Full-map EMA held dense (as the reference), factored (past Q, K) or chosen by size (auto).")
-@click.option("--batching", type=click.Choice(BATCHING), default="normal", show_default=True,
-              help="Forward-pass layout: normal (the reference's), all (one pass per step; EMAG's perturbed "
-                   "rows join the normal pass: fastest), none (least memory), auto (all when it fits, CUDA).")
-@click.option("--explicit-attention", is_flag=True, default=None,
-              help="Full EMAG: explicit softmax(QK^T)V for every row at the candidate blocks, as the reference code "
-                   "(its float16 rounding; slower).")
-@click.option("--straightforward", is_flag=True, default=False,
-              help="The reference's pass layout (a full perturbed pass on the doubled batch) instead of the exact "
-                   "fast path; with --explicit-attention: the reference's arithmetic.")
-@click.option("--guided-channels", type=click.IntRange(min=1), default=None, help="DiT: guide only the first N channels.")
-@click.option("--ema-window", metavar="START,STOP", default=None, help="EMA window as step fractions [start, stop).")
-@click.option("--apply-window", metavar="START,STOP", default=None, help="Replacement window as step fractions.")
-@click.option("--cfg", "guidance_scale", type=click.FloatRange(min=0), default=None, help="CFG scale w.")
-@click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps.")
-@click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i.")
-@click.option("--height", type=click.IntRange(min=1), default=None, help="Image height (SD3).")
-@click.option("--width", type=click.IntRange(min=1), default=None, help="Image width (SD3).")
-@click.option("--num-images", type=click.IntRange(min=1), default=None,
-              help="Images per prompt/class (default 1; 6 for the bundled digits model).")
-@click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler.")
-@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="CPU threads (default: 1 for small models such as the bundled one, else torch's).")
-@click.option("--download/--no-download", default=False, show_default=True,
-              help="Allow downloading from the hub: a hub id into the Hugging Face cache, a missing folder named "
-                   "like a known model (e.g. ./models/DiT-XL-2-256) into that folder.")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
-@click.option("--overwrite", is_flag=True, default=False,
-              help="Regenerate images already in --out (default: keep those made with the same parameters, i.e. "
-                   "resume an interrupted run; an image made with other parameters is an error).")
-def generate(model, prompts, negative_prompt, class_labels, preset, method, params, scale, layers, beta, blend, variant, rows,
-             selection, per_sample, combination, ema_dtype, ema_storage, batching, explicit_attention, straightforward,
-             guided_channels, ema_window,
-             apply_window, guidance_scale, steps, seed, height, width, num_images, sampler, dtype, device, threads, download,
-             out_dir, overwrite):
-    """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
+def guidance_options(command):
+    """The options of a generation (model-independent parts): guidance methods and their parameters,
+    sampling, numerics and device; shared by ``generate``, ``sample`` and ``sweep``."""
+    for option in reversed(_GUIDANCE_OPTIONS):
+        command = option(command)
+    return command
+
+
+_GUIDANCE_OPTIONS = [
+    click.option("--negative-prompt", metavar="TEXT", default=None, help="Negative prompt (SD3)."),
+    click.option("--preset", type=click.Choice(sorted(PRESETS)), default=None, help="Settings preset (default: the paper's for the model family)."),
+    click.option("--method", default="emag", show_default=True, metavar="NAME[,NAME...]",
+                 help="Guidance method(s) to combine, e.g. 'emag', 'cfg', 'cfg,pag', 'apg,emag' (see `emag methods`)."),
+    click.option("--param", "params", multiple=True, metavar="METHOD.FIELD=VALUE",
+                 help="A method's parameter, e.g. pag.scale=3 pag.layers=13 seg.sigma=inf (repeatable)."),
+    click.option("--scale", type=click.FloatRange(min=0), default=None, help="EMAG scale w_e."),
+    click.option("--layers", metavar="SPEC", default=None, help="Candidate blocks, e.g. '6,7,8' or '12-15'."),
+    click.option("--beta", type=click.FloatRange(0, 1, max_open=True), default=None, help="EMA decay in [0, 1)."),
+    click.option("--blend", type=click.FloatRange(0, 1), default=None, help="Replacement strength lambda."),
+    click.option("--variant", type=click.Choice(VARIANTS), default=None, help="EMA of attention maps (full) or queries (q)."),
+    click.option("--rows", type=click.Choice(TRACKED_ROWS), default=None, help="Tracked attention rows (full variant)."),
+    click.option("--selection", type=click.Choice(SELECTION_MODES), default=None, help="Per-step block choice."),
+    click.option("--per-sample/--global-selection", default=None, help="Choose blocks per sample (opt-in)."),
+    click.option("--combination", type=click.Choice(COMBINATIONS), default=None, help="How EMAG combines with CFG."),
+    click.option("--ema-dtype", type=click.Choice(["float16", "float32", "bfloat16"]), default=None, help="EMA storage dtype."),
+    click.option("--ema-storage", type=click.Choice(EMA_STORAGES), default=None,
+                 help="Full-map EMA held dense (as the reference), factored (past Q, K) or chosen by size (auto)."),
+    click.option("--batching", type=click.Choice(BATCHING), default="normal", show_default=True,
+                 help="Forward-pass layout: normal (the reference's), all (one pass per step; EMAG's perturbed "
+                      "rows join the normal pass: fastest), none (least memory), auto (all when it fits, CUDA)."),
+    click.option("--explicit-attention", is_flag=True, default=None,
+                 help="Full EMAG: explicit softmax(QK^T)V for every row at the candidate blocks, as the reference code "
+                      "(its float16 rounding; slower)."),
+    click.option("--straightforward", is_flag=True, default=False,
+                 help="The reference's pass layout (a full perturbed pass on the doubled batch) instead of the exact "
+                      "fast path; with --explicit-attention: the reference's arithmetic."),
+    click.option("--guided-channels", type=click.IntRange(min=1), default=None, help="DiT: guide only the first N channels."),
+    click.option("--ema-window", metavar="START,STOP", default=None, help="EMA window as step fractions [start, stop)."),
+    click.option("--apply-window", metavar="START,STOP", default=None, help="Replacement window as step fractions."),
+    click.option("--cfg", "guidance_scale", type=click.FloatRange(min=0), default=None, help="CFG scale w."),
+    click.option("--steps", type=click.IntRange(min=1), default=None, help="Sampling steps."),
+    click.option("--height", type=click.IntRange(min=1), default=None, help="Image height (SD3)."),
+    click.option("--width", type=click.IntRange(min=1), default=None, help="Image width (SD3)."),
+    click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler."),
+    click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", show_default=True),
+    click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="CPU threads (default: 1 for small models such as the bundled one, else torch's)."),
+    click.option("--download/--no-download", default=False, show_default=True,
+                 help="Allow downloading from the hub: a hub id into the Hugging Face cache, a missing folder named "
+                      "like a known model (e.g. ./models/DiT-XL-2-256) into that folder."),
+]
+
+
+def _plan_kwargs(preset, method, params, scale, layers, beta, blend, variant, rows, selection, per_sample,
+                 combination, ema_dtype, ema_storage, batching, explicit_attention, straightforward, guided_channels,
+                 ema_window, apply_window, guidance_scale, steps, height, width, sampler, dtype, device, threads,
+                 download, negative_prompt) -> dict:
+    """The keyword arguments of :func:`emag.generate.plan_generation` from the shared options."""
     overrides = {k: v for k, v in dict(
         scale=scale, layers=layers, beta=beta, blend=blend, variant=variant, rows=rows, selection=selection,
         per_sample=per_sample, combination=combination, ema_dtype=ema_dtype, ema_storage=ema_storage,
@@ -137,16 +138,33 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
         if not sep or not dot or not name or not field:
             raise click.BadParameter(f"expected METHOD.FIELD=VALUE, got {item!r}", param_hint="--param")
         method_params.setdefault(name.strip(), {})[field.strip()] = value.strip()
+    return dict(negative_prompt=negative_prompt, preset=preset, method=method, emag_overrides=overrides,
+                method_params=method_params, guidance_scale=guidance_scale, num_inference_steps=steps, height=height,
+                width=width, sampler=sampler, dtype=dtype, device=device, allow_download=download, batching=batching,
+                fast=not straightforward, threads=threads)
+
+
+@cli.command(epilog=EXAMPLES)
+@click.option("--model", "model", default=None, metavar="PATH|HUB_ID",
+              help="Local diffusers folder or hub id (default: the bundled digits DiT, offline).")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT", help="Prompt (SD3); repeat for several.")
+@click.option("--class-label", "class_labels", multiple=True, metavar="ID|NAME|null",
+              help="Class (DiT): an id 0..N-1, a name from the model's id2label, or 'null' (the null class: "
+                   "unconditional samples); repeat for several.")
+@guidance_options
+@click.option("--seed", type=int, default=None, help="Seed of the first image; image i uses seed + i.")
+@click.option("--num-images", type=click.IntRange(min=1), default=None,
+              help="Images per prompt/class (default 1; 6 for the bundled digits model).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="outputs", show_default=True)
+@click.option("--overwrite", is_flag=True, default=False,
+              help="Regenerate images already in --out (default: keep those made with the same parameters, i.e. "
+                   "resume an interrupted run; an image made with other parameters is an error).")
+def generate(model, prompts, class_labels, seed, num_images, out_dir, overwrite, **options):
+    """Generate images with EMAG (or plain CFG) and save PNGs with their parameters."""
     try:
         plan = plan_generation(
-            model, prompts=list(prompts), negative_prompt=negative_prompt, class_labels=list(class_labels),
-            preset=preset, method=method, emag_overrides=overrides, method_params=method_params,
-            guidance_scale=guidance_scale,
-            num_inference_steps=steps, height=height, width=width, seed=seed,
-            num_images=num_images or (6 if model is None else 1),
-            sampler=sampler, dtype=dtype, device=device, allow_download=download, batching=batching,
-            fast=not straightforward, threads=threads,
-        )
+            model, prompts=list(prompts), class_labels=list(class_labels), seed=seed,
+            num_images=num_images or (6 if model is None else 1), **_plan_kwargs(**options))
     except (MissingWeightsError, ValueError, TypeError) as exc:
         raise click.ClickException(str(exc)) from None
     out = Path(out_dir)
@@ -187,6 +205,81 @@ def generate(model, prompts, negative_prompt, class_labels, preset, method, para
         click.echo(f"{resumed} image(s) already in {out}/ with the same parameters were kept (resumed).", err=True)
     if len(plan.jobs) > 1:
         click.echo(str(save_grid(list(rows.values()), out / "grid.png")))
+
+SAMPLE_EXAMPLES = """
+\b
+Examples:
+  # The whole chain offline on any CPU: 1,000 digits with EMAG, then their scores:
+  emag sample --protocol digits --num-samples 1000 --out runs/digits-emag/
+  emag score runs/digits-emag/
+\b
+  # SD3-Medium on COCO-2014 captions (the paper's protocol), on 8 GPUs:
+  torchrun --nproc_per_node 8 -m emag sample --protocol coco2014 --source captions_val2014.json \\
+      --model ./models/stable-diffusion-3-medium-diffusers --preset sd3-medium --device cuda --dtype float16 \\
+      --batch-size 4 --out runs/sd3-emag/
+\b
+  # DiT-XL/2, 50,000 balanced ImageNet classes, 250 DDPM steps (also writes samples.npz):
+  torchrun --nproc_per_node 8 -m emag sample --protocol imagenet --model ./models/DiT-XL-2-256 \\
+      --preset dit-xl-2 --device cuda --batch-size 32 --out runs/dit-emag/
+"""
+
+
+@cli.command("sample", epilog=SAMPLE_EXAMPLES)
+@click.option("--protocol", type=click.Choice(PROTOCOLS), required=True,
+              help="coco2014 (captions file), imagenet (balanced labels), prompts (text file), digits (bundled model).")
+@click.option("--source", default=None, metavar="FILE", help="coco2014: captions_val2014.json; prompts: a text file.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None,
+              help="Samples (default: coco2014 40,000; imagenet 50,000; prompts one per line; digits 1,000).")
+@click.option("--model", "model", default=None, metavar="PATH|HUB_ID", help="Local diffusers folder or hub id.")
+@guidance_options
+@click.option("--seed", type=int, default=None,
+              help="Global seed; sample i draws its noise from its own seed, derived from (seed, i).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Global batch: samples per pipeline call (part of the configuration: EMAG's block choice is "
+                   "batch-global, as in the paper).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="Sample folder; rerunning the same command resumes it.")
+def sample_cmd(protocol, source, num_samples, model, seed, batch_size, out_dir, **options):
+    """Generate an evaluation set into a resumable sample folder (one process, or many with torchrun)."""
+    try:
+        plan = plan_sampling(model, protocol, source=source, num_samples=num_samples, batch_size=batch_size, seed=seed,
+                             **_plan_kwargs(**options))
+    except (MissingWeightsError, ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    with process_group(plan.generation.device) as ranks:
+        if ranks.main:
+            click.echo(f"{describe(plan)} -> {out_dir}/ ({ranks.world} process(es))", err=True)
+        bar = tqdm(total=plan.num_samples, unit="sample", disable=not ranks.main, file=sys.stderr, smoothing=0.1)
+        try:
+            summary = run_sampling(plan, out_dir, ranks,
+                                   progress=lambda n: bar.update(min(n, bar.total - bar.n)))
+        except (FolderError, MissingWeightsError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        except OSError as exc:
+            raise click.ClickException(_out_error(Path(out_dir), exc)) from None
+        finally:
+            bar.close()
+        if ranks.main:
+            click.echo(summary.line(), err=True)
+
+
+@cli.command("score")
+@click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where reference statistics are cached (default: ~/.cache/emag/reference).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Nearest neighbours of precision / recall / density / coverage.")
+def score_cmd(folder, cache_dir, batch_size, k):
+    """Score a sample folder made by `emag sample`; writes results.json and results.md into it."""
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "emag" / "reference"
+    with process_group("cpu") as ranks:
+        try:
+            results = score_folder(folder, ranks, cache_dir=cache, batch_size=batch_size, k=k)
+        except (FolderError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if ranks.main:
+            click.echo(markdown_row(results, header=True), nl=False)
 
 
 def _inside(filename, folder: Path) -> bool:

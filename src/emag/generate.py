@@ -108,11 +108,16 @@ class ModelFacts:
         return int(self.transformer.get("patch_size", 2))
 
     @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (its null class is this id)."""
+        return int(self.transformer.get("num_embeds_ada_norm") or 1000)
+
+    @property
     def native_size(self) -> int:
         return int(self.transformer.get("sample_size", 64)) * self.vae_scale_factor
 
 
-def _model_facts(model: str | None, allow_download: bool) -> ModelFacts:
+def model_facts(model: str | None, allow_download: bool = False) -> ModelFacts:
     """The model folder (the bundled digits model when ``model`` is None), checked: every listed component
     present, weights readable (headers only), the transformer of the pipeline's family."""
     if model is None:
@@ -188,7 +193,7 @@ def plan_generation(
     or hub id (None: the bundled digits model); the rest as the command line's options."""
     _check_request(batching, dtype, device, guidance_scale, seed)
     names = _method_names(method, method_params)
-    m = _model_facts(model, allow_download)
+    m = model_facts(model, allow_download)
     p = get_preset(preset or ("digits" if m.bundled else _default_preset(m.family)))
     if p.family is not m.family:
         raise ValueError(f"Preset {p.name!r} is for {p.family.label} models but {m.name} is a {m.family.label} model.")
@@ -291,8 +296,7 @@ def _plan_classes(plan: GenerationPlan, m: ModelFacts, prompts, negative_prompt,
             raise ValueError(f"{name}={v}: this {m.family.label} model only generates {m.native_size}x{m.native_size} "
                              "images.")
     plan.height = plan.width = m.native_size
-    num_classes = int(m.transformer.get("num_embeds_ada_norm") or 1000)
-    plan.class_labels = _resolve_labels(m.folder, [str(c) for c in class_labels], num_classes)
+    plan.class_labels = _resolve_labels(m.folder, [str(c) for c in class_labels], m.num_classes)
     plan.sampler = _sampler(m.family, sampler, plan.preset)
 
 
@@ -435,11 +439,22 @@ def check_output_folder(plan: GenerationPlan, out_dir) -> int:
     return done
 
 
+def prepare_pipeline(plan: GenerationPlan, pipe=None, quiet: bool = False, device: str | None = None):
+    """The plan's pipeline, loaded (unless given) on ``device`` (default: the plan's) with the plan's
+    sampler; ``quiet`` turns its per-call progress bar off (the caller shows one over all images)."""
+    if pipe is None:
+        pipe = load_pipeline(plan.folder, plan.family, FLOAT_DTYPES[plan.dtype], device or plan.device)
+    if quiet:
+        pipe.set_progress_bar_config(disable=True)
+    if plan.sampler == "ddpm-250":  # the reference DDPM sampler (DiT)
+        pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
+    return pipe
+
+
 def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[int, Any, dict[str, Any], bool]]:
     """Yield ``(index, PIL image, params, resumed)`` for every job, loading the pipeline (unless given)
     only if some job has to run. With ``out_dir``, a job whose image is already there with the same
     parameters is not run again (``resumed`` True): an interrupted run picks up where it stopped."""
-    dtype = FLOAT_DTYPES[plan.dtype]
     ready = False
     for index, job in enumerate(plan.jobs):
         params = job_params(plan, index)
@@ -450,12 +465,7 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
                 continue
         with torch_threads(plan.threads):  # the run's CPU threads, not the caller's between images
             if not ready:
-                if pipe is None:
-                    pipe = load_pipeline(plan.folder, plan.family, dtype, plan.device)
-                if len(plan.jobs) > 1:
-                    pipe.set_progress_bar_config(disable=True)  # the caller shows one bar over all images
-                if plan.sampler == "ddpm-250":  # the reference DDPM sampler (DiT)
-                    pipe.scheduler = dit_reference_scheduler(pipe.scheduler.config.get("num_train_timesteps", 1000))
+                pipe = prepare_pipeline(plan, pipe, quiet=len(plan.jobs) > 1)
                 ready = True
             generator = torch.Generator(device="cpu").manual_seed(params["seed"])
             common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
@@ -471,4 +481,5 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
         yield index, out.images[0], params, False
 
 
-__all__ = ["GenerationPlan", "check_output_folder", "finished_image", "generate", "job_params", "output_path", "plan_generation"]
+__all__ = ["GenerationPlan", "ModelFacts", "check_output_folder", "finished_image", "generate", "job_params", "model_facts",
+           "output_path", "plan_generation", "prepare_pipeline"]
