@@ -16,7 +16,7 @@ import emag
 SRC = Path(emag.__file__).parent
 PACKAGE = "emag"
 # imports that may stay inside functions: optional or heavy dependencies that only some calls need
-ALLOWED_INNER = {"sklearn.datasets"}
+ALLOWED_INNER = {"sklearn.datasets", "matplotlib", "matplotlib.pyplot"}
 
 
 def module_name(path: Path) -> str:

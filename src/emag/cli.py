@@ -13,7 +13,9 @@ from .dtypes import MODEL_DTYPES
 from .engine import BATCHING
 from .evaluation import PROTOCOLS, FolderError, plan_sampling, process_group, run_sampling
 from .evaluation.sampling import describe
+from .evaluation.report import write_report
 from .evaluation.scoring import markdown_row, score_folder
+from .evaluation.sweep import plan_sweep, run_sweep
 from .families import FAMILIES
 from .generate import check_output_folder, output_path, plan_generation
 from .generate import generate as run
@@ -280,6 +282,54 @@ def score_cmd(folder, cache_dir, batch_size, k):
             raise click.ClickException(str(exc)) from None
         if ranks.main:
             click.echo(markdown_row(results, header=True), nl=False)
+
+
+@cli.command("sweep")
+@click.option("--protocol", type=click.Choice(PROTOCOLS), required=True, help="As `emag sample`.")
+@click.option("--source", default=None, metavar="FILE", help="As `emag sample`.")
+@click.option("--num-samples", type=click.IntRange(min=1), default=None, help="Samples per grid point.")
+@click.option("--model", "model", default=None, metavar="PATH|HUB_ID", help="Local diffusers folder or hub id.")
+@click.option("--grid", "grids", multiple=True, required=True, metavar="METHODS[:FIELD=V1,V2[;...]]",
+              help="Grid points, e.g. 'cfg:cfg=1.5,2,3', 'emag:emag.scale=1,2,3', 'cfg,pag:pag.scale=1,3' (repeatable).")
+@guidance_options
+@click.option("--seed", type=int, default=None, help="Global seed (the same noise at every point).")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--score/--no-score", default=True, show_default=True, help="Score each point after sampling it.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="As `emag score`.")
+@click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True, help="As `emag score`.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True,
+              help="One sample folder per point under it, and sweep.json; rerunning resumes.")
+def sweep_cmd(protocol, source, num_samples, model, grids, seed, batch_size, score, cache_dir, k, out_dir, **options):
+    """Sample and score a grid of guidance configurations as one resumable job."""
+    base = _plan_kwargs(**options)
+    try:
+        plan = plan_sweep(list(grids), model, protocol, source=source, num_samples=num_samples, batch_size=batch_size,
+                          seed=seed, **base)
+    except (MissingWeightsError, ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "emag" / "reference"
+    with process_group(base["device"]) as ranks:
+        log = (lambda line: click.echo(line, err=True)) if ranks.main else (lambda line: None)
+        log(f"{len(plan.points)} grid point(s) -> {out_dir}/")
+        try:
+            run_sweep(plan, out_dir, ranks, score=score, log=log, cache_dir=cache, k=k)
+        except (FolderError, MissingWeightsError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+@cli.command("report")
+@click.argument("results", nargs=-1, required=True, type=click.Path(exists=True))
+@click.option("--quality", default=None, help="Quality axis of the plane (default: hps, clip_score, precision or accuracy).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+def report_cmd(results, quality, out_dir):
+    """Tables (Markdown, CSV), plots and the matched-guidance view from sweep folders or results files."""
+    try:
+        report = write_report(list(results), out_dir, quality)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(Path(report["table"]).read_text(), nl=False)
+    for p in report.get("plots", []):
+        click.echo(p)
 
 
 def _inside(filename, folder: Path) -> bool:

@@ -176,7 +176,9 @@ def score_folder(out: str | Path, ranks: Ranks = Ranks(), extractor: Extractor |
     if "logits" in per_sample[0] and (labels >= 0).all():
         predicted = np.stack([per_sample[i]["logits"] for i in range(n)]).argmax(axis=1)
         values["accuracy"] = M.classifier_accuracy(torch.from_numpy(predicted), torch.from_numpy(labels))
-        values["diversity"] = _within_class_diversity(feats, labels)
+        diversity = _within_class_diversity(feats, labels)
+        if np.isfinite(diversity):  # defined once a class has two samples
+            values["diversity"] = diversity
     results = {
         "format": "emag-results/1", "folder": str(folder.path), "num_samples": n, "metrics": values,
         "extractor": {"name": extractor.name, "weights_sha256": extractor.fingerprint()},
