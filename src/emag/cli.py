@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -17,12 +18,14 @@ from .evaluation.report import write_report
 from .evaluation.scoring import markdown_row, score_folder
 from .evaluation.sweep import plan_sweep, run_sweep
 from .families import FAMILIES
-from .generate import check_output_folder, output_path, plan_generation
+from .generate import check_output_folder, output_path, plan_generation, prepare_pipeline, run_job
 from .generate import generate as run
 from .guidance.emag import COMBINATIONS, EMA_STORAGES, PRESETS, TRACKED_ROWS, VARIANTS
 from .guidance.registry import METHODS, parameters
 from .io import save_grid, save_png
 from .loading import MissingWeightsError
+from .negatives import Watcher, choice_plot, figure, save_figure, trace_rows
+from .threads import torch_threads
 from .math.selection import SELECTION_MODES
 
 EXAMPLES = """
@@ -330,6 +333,57 @@ def report_cmd(results, quality, out_dir):
     click.echo(Path(report["table"]).read_text(), nl=False)
     for p in report.get("plots", []):
         click.echo(p)
+
+
+@cli.command("negatives")
+@click.option("--model", "model", default=None, metavar="PATH|HUB_ID",
+              help="Local diffusers folder or hub id (default: the bundled digits DiT, offline).")
+@click.option("--prompt", default=None, metavar="TEXT", help="The prompt (text-conditioned models).")
+@click.option("--class-label", "class_label", default=None, metavar="ID|NAME", help="The class (class-conditional models).")
+@guidance_options
+@click.option("--seed", type=int, default=None, help="Seed of the image.")
+@click.option("--at", "at", default=None, metavar="STEPS",
+              help="Steps to show, e.g. '0,10,20' (default: four evenly spaced steps, the last included).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), required=True)
+def negatives_cmd(model, prompt, class_label, seed, at, out_dir, **options):
+    """Show what guidance compares: the positive, unconditional and negative (perturbed) predictions decoded
+    from x0 at chosen steps, and EMAG's block choice per step."""
+    try:
+        plan = plan_generation(model, prompts=[prompt] if prompt else [], seed=seed, num_images=1,
+                               class_labels=[class_label] if class_label is not None else [], **_plan_kwargs(**options))
+        n = plan.num_inference_steps
+        steps = sorted({round(i * (n - 1) / 3) for i in range(4)}) if at is None else _steps(at, n)
+    except (MissingWeightsError, ValueError, TypeError) as exc:
+        raise click.ClickException(str(exc)) from None
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    condition = plan.jobs[0]["condition"]
+    with torch_threads(plan.threads):
+        pipe = prepare_pipeline(plan, quiet=True)
+        watcher = Watcher(pipe, steps)
+        result = run_job(pipe, plan, condition, plan.seed, on_step_outputs=watcher)
+    save_png(result.images[0], out / "image.png", {"condition": condition, "seed": plan.seed, "method": plan.method,
+                                                  "guidance": plan.term_params})
+    click.echo(str(save_figure(figure(watcher.steps), out / "negatives.png")))
+    rows = trace_rows(pipe.emag_trace)
+    if rows:
+        (out / "emag_trace.json").write_text(json.dumps(rows, indent=2) + "\n")
+        try:
+            for path in choice_plot(rows, out / "emag_choices"):
+                click.echo(str(path))
+        except ValueError as exc:
+            click.echo(str(exc), err=True)
+
+
+def _steps(text: str, n: int) -> list[int]:
+    try:
+        steps = sorted({int(v) for v in text.split(",") if v.strip()})
+    except ValueError:
+        raise ValueError(f"--at takes step indices like '0,10,20', got {text!r}.") from None
+    bad = [s for s in steps if not 0 <= s < n]
+    if not steps or bad:
+        raise ValueError(f"--at: steps must be in 0..{n - 1} (the schedule has {n} steps), got {text!r}.")
+    return steps
 
 
 def _inside(filename, folder: Path) -> bool:

@@ -18,7 +18,7 @@ One :class:`GuidanceEngine` serves one pipeline call. Per step it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -72,6 +72,7 @@ class GuidanceEngine:
     batching: str = "normal"
     uses_uncond: bool = True
     combine_space: str = "auto"  # "auto": x0 iff an active term asks for it; "x0": always
+    observer: Callable[[Step, Tensor], None] | None = None  # sees every step's branch outputs and result
     last_passes: list[list[str]] = field(default_factory=list)
     _begun: bool = False
     _finite_before: bool = False  # the previous step's guided prediction was finite
@@ -141,6 +142,8 @@ class GuidanceEngine:
         if active and not finite:
             self._non_finite(x, ctx, active, step.outputs, guided.dtype)
         self._finite_before = finite
+        if self.observer is not None:
+            self.observer(step, guided)
         return guided
 
     @staticmethod

@@ -439,6 +439,18 @@ def check_output_folder(plan: GenerationPlan, out_dir) -> int:
     return done
 
 
+def run_job(pipe, plan: GenerationPlan, condition, seed: int, **call_options: Any):
+    """One pipeline call of the plan: one image of ``condition`` (a prompt or a class id) from a CPU
+    generator seeded ``seed``; ``call_options`` go to the pipeline (e.g. ``on_step_outputs``)."""
+    common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
+                  generator=torch.Generator(device="cpu").manual_seed(seed), guidance=plan.terms,
+                  batching=plan.batching, fast=plan.fast, **call_options)
+    if plan.family.text_conditioned:
+        return pipe(prompt=condition, negative_prompt=plan.negative_prompt, height=plan.height, width=plan.width,
+                    **common)
+    return pipe(class_labels=[condition], **common)  # noise layout: the pipeline's default
+
+
 def prepare_pipeline(plan: GenerationPlan, pipe=None, quiet: bool = False, device: str | None = None):
     """The plan's pipeline, loaded (unless given) on ``device`` (default: the plan's) with the plan's
     sampler; ``quiet`` turns its per-call progress bar off (the caller shows one over all images)."""
@@ -467,14 +479,7 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
             if not ready:
                 pipe = prepare_pipeline(plan, pipe, quiet=len(plan.jobs) > 1)
                 ready = True
-            generator = torch.Generator(device="cpu").manual_seed(params["seed"])
-            common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                          generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
-            if plan.family.text_conditioned:
-                out = pipe(prompt=job["condition"], negative_prompt=plan.negative_prompt, height=plan.height,
-                           width=plan.width, **common)
-            else:
-                out = pipe(class_labels=[job["condition"]], **common)  # noise layout: the pipeline's default
+            out = run_job(pipe, plan, job["condition"], params["seed"])
         emag_run = next((r for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
         if emag_run is not None and params["emag"] is not None:
             params["emag"] = {**params["emag"], **emag_run.run_record()}  # e.g. the storage "auto" chose
@@ -482,4 +487,4 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
 
 
 __all__ = ["GenerationPlan", "ModelFacts", "check_output_folder", "finished_image", "generate", "job_params", "model_facts",
-           "output_path", "plan_generation", "prepare_pipeline"]
+           "output_path", "plan_generation", "prepare_pipeline", "run_job"]

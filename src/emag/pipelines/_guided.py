@@ -52,10 +52,12 @@ class GuidedPipeline:
         return make_runtimes(terms, setup, contexts, self.transformer)
 
     def _guided_engine(self, terms: Sequence[GuidanceConfig], runtimes: list[TermRuntime], conditions: dict,
-                       setup: Setup, batching: str, combine_space: str, **backbone_options: Any) -> GuidanceEngine:
+                       setup: Setup, batching: str, combine_space: str, observer=None,
+                       **backbone_options: Any) -> GuidanceEngine:
         """The engine of one call: the family's backbone around the transformer (and each term's separate
         model), the interception of the blocks the terms edit. ``combine_space``: ``"auto"`` combines in
-        x0 space only when an active term asks for it, ``"x0"`` always does."""
+        x0 space only when an active term asks for it, ``"x0"`` always does. ``observer(step, guided)``
+        (a call's ``on_step_outputs``) sees each step's branch predictions and guided prediction."""
         family, tr = self.family, self.transformer
         backbones = {"main": family.backbone_of(tr, **backbone_options)}
         for r in runtimes:
@@ -68,9 +70,13 @@ class GuidedPipeline:
         channels = tr.config.in_channels  # the noise (velocity) channels; DiT predicts a variance after them
         engine = GuidanceEngine(runtimes, backbones, conditions, EditScope(tr, family, att, blk), channels,
                                 guided_channels_of(terms, family, channels), batching, setup.uses_uncond,
-                                combine_space=combine_space)
+                                combine_space=combine_space, observer=observer)
         self.guidance_engine = engine
         return engine
+
+    def decode_latents(self, latents):
+        """Images ``[B, C, H, W]`` in [0, 1] from latents (or x0 predictions) of this pipeline's model."""
+        raise NotImplementedError
 
     def _record(self, runtimes: list[TermRuntime]) -> None:
         """After the call: the runtimes, and EMAG's per-step trace (``pipe.emag_trace``)."""

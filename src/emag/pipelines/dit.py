@@ -119,6 +119,7 @@ class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
         batching: str = "normal",
         fast: bool = True,
         combine_space: str = "auto",
+        on_step_outputs: Callable | None = None,
     ) -> ImagePipelineOutput | tuple:
         self.emag_trace = None
         given = given_terms(guidance, emag)
@@ -164,7 +165,7 @@ class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
         conditions = {"cond": ClassCondition(labels)}
         if setup.uses_uncond:
             conditions["uncond"] = ClassCondition(torch.full_like(labels, self.null_class))
-        engine = self._guided_engine(terms, runtimes, conditions, setup, batching, combine_space,
+        engine = self._guided_engine(terms, runtimes, conditions, setup, batching, combine_space, observer=on_step_outputs,
                                      scheduler=self.scheduler)
 
         # -- the sampler loop -------------------------------------------------------------------------
@@ -206,15 +207,19 @@ class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
                  f"{type(self.scheduler).__name__}. Set `pipe.scheduler = emag.dit_reference_scheduler()` to "
                  "sample as the reference.")
 
+    def decode_latents(self, latents):
+        """Images ``[B, C, H, W]`` in [0, 1]: the VAE's decoding, or the pixels of a pixel-space model."""
+        if self.vae is not None:
+            samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
+        else:  # pixel-space model: the samples are images in [-1, 1]
+            samples = latents
+        return (samples / 2 + 0.5).clamp(0, 1)
+
     def _output(self, latents, output_type, return_dict):
         if output_type == "latent":
             samples = latents
         else:
-            if self.vae is not None:
-                samples = self.vae.decode(1 / self.vae.config.scaling_factor * latents).sample
-            else:  # pixel-space model: the samples are images in [-1, 1]
-                samples = latents
-            samples = (samples / 2 + 0.5).clamp(0, 1)
+            samples = self.decode_latents(latents)
             if output_type != "pt":
                 samples = samples.cpu().permute(0, 2, 3, 1).float().numpy()
                 if output_type == "pil":

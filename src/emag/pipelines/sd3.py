@@ -90,14 +90,18 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
         batching: str = "normal",
         fast: bool = True,
         combine_space: str = "auto",
+        on_step_outputs: Callable | None = None,
     ) -> StableDiffusion3PipelineOutput | tuple:
         base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "__class__"):
+        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "on_step_outputs", "__class__"):
             base_args.pop(key, None)
         self.emag_trace = None
         check_sd3_call(self, guided=emag is not None or guidance is not None, batching=batching, fast=fast,
                        combine_space=combine_space, **base_args)  # before any work
         if emag is None and guidance is None:
+            if on_step_outputs is not None:
+                raise ValueError("on_step_outputs observes the guidance engine: give guidance=[...] (e.g. "
+                                 "[emag.CFG(7.0)] for plain CFG).")
             return super().__call__(**base_args)
 
         # -- everything is checked before any expensive work ----------------------------------------
@@ -150,7 +154,7 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
         )
         self._num_timesteps = num_steps
         engine = self._guided_engine(terms, runtimes, conditions, setup, batching, combine_space,
-                                     joint_attention_kwargs=self.joint_attention_kwargs)
+                                     observer=on_step_outputs, joint_attention_kwargs=self.joint_attention_kwargs)
 
         latents = self._denoise(engine, latents, timesteps, contexts, num_inference_steps, callback_on_step_end,
                                 callback_on_step_end_tensor_inputs, prompt_embeds, pooled_prompt_embeds)
@@ -228,6 +232,12 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
             param = FlowMatching(float(self.scheduler.sigmas[i]))
             contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
         return contexts
+
+    def decode_latents(self, latents):
+        """Images ``[B, 3, H, W]`` in [0, 1]: the VAE's decoding of the (shifted, scaled) latents."""
+        latents = (latents / self.vae.config.scaling_factor) + self.vae.config.shift_factor
+        image = self.vae.decode(latents.to(self.vae.dtype), return_dict=False)[0]
+        return (image / 2 + 0.5).clamp(0, 1)
 
     def _output(self, latents, output_type, return_dict):
         if output_type == "latent":
