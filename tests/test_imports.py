@@ -16,7 +16,9 @@ import emag
 SRC = Path(emag.__file__).parent
 PACKAGE = "emag"
 # imports that may stay inside functions: optional or heavy dependencies that only some calls need
-ALLOWED_INNER = {"sklearn.datasets", "matplotlib", "matplotlib.pyplot"}
+ALLOWED_INNER = {"sklearn.datasets", "matplotlib", "matplotlib.pyplot",  # optional: emag[eval]
+                 "torch_fidelity.feature_extractor_inceptionv3", "torch_fidelity.metric_isc", "torch_fidelity.metric_kid",
+                 "open_clip", "torchvision"}
 
 
 def module_name(path: Path) -> str:

@@ -15,7 +15,7 @@ from .engine import BATCHING
 from .evaluation import PROTOCOLS, FolderError, plan_sampling, process_group, run_sampling
 from .evaluation.sampling import describe
 from .evaluation.report import write_report
-from .evaluation.scoring import markdown_row, score_folder
+from .evaluation.scoring import markdown_row, score_folder, scoring_networks
 from .evaluation.sweep import plan_sweep, run_sweep
 from .families import FAMILIES
 from .generate import check_output_folder, output_path, plan_generation, prepare_pipeline, run_job
@@ -270,22 +270,34 @@ def sample_cmd(protocol, source, num_samples, model, seed, batch_size, out_dir, 
 
 @cli.command("score")
 @click.argument("folder", type=click.Path(file_okay=False, exists=True))
+@click.option("--reference", default=None, type=click.Path(exists=True), metavar="NPZ|FOLDER",
+              help="imagenet: the ADM reference batch (VIRTUAL_imagenet256_labeled.npz); coco2014 / prompts: a folder "
+                   "of real images (e.g. val2014/). The digits protocol has its own.")
+@click.option("--reference-size", type=click.IntRange(min=8), default=512, show_default=True,
+              help="Folder references: centre crop to a square, Lanczos resize to this size.")
+@click.option("--weights-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the scoring networks' weights are (default: $EMAG_WEIGHTS_DIR, then torch's hub cache).")
+@click.option("--hps/--no-hps", default=True, show_default=True, help="HPS v2.1 (text protocols).")
+@click.option("--clip-score/--no-clip-score", default=True, show_default=True, help="CLIPScore (text protocols).")
+@click.option("--device", default="cpu", show_default=True, help="Device of the scoring networks.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where reference statistics are cached (default: ~/.cache/emag/reference).")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--k", "k", type=click.IntRange(min=1), default=5, show_default=True,
-              help="Nearest neighbours of precision / recall / density / coverage.")
-def score_cmd(folder, cache_dir, batch_size, k):
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--k", "k", type=click.IntRange(min=1), default=None,
+              help="Nearest neighbours of precision / recall / density / coverage (default: 5 for digits, 3 (ADM) otherwise).")
+def score_cmd(folder, reference, reference_size, weights_dir, hps, clip_score, device, cache_dir, batch_size, k):
     """Score a sample folder made by `emag sample`; writes results.json and results.md into it."""
     cache = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "emag" / "reference"
-    with process_group("cpu") as ranks:
+    with process_group(device) as ranks:
         try:
-            results = score_folder(folder, ranks, cache_dir=cache, batch_size=batch_size, k=k)
-        except (FolderError, ValueError) as exc:
+            extractor, scorers, k = scoring_networks(folder, reference, weights_dir, hps, clip_score,
+                                                     ranks.device(device), k)
+            results = score_folder(folder, ranks, extractor=extractor, scorers=scorers, reference=reference,
+                                   reference_size=reference_size, cache_dir=cache, batch_size=batch_size, k=k)
+        except (FolderError, FileNotFoundError, ValueError) as exc:
             raise click.ClickException(str(exc)) from None
         if ranks.main:
             click.echo(markdown_row(results, header=True), nl=False)
-
 
 @cli.command("sweep")
 @click.option("--protocol", type=click.Choice(PROTOCOLS), required=True, help="As `emag sample`.")

@@ -24,8 +24,8 @@ class Extractor(Protocol):
     def fingerprint(self) -> str:
         """sha256 of the weights the extractor runs (recorded with every result)."""
 
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """uint8 ``[N, H, W, C]`` -> ``{"features": [N, D], ...}`` (float64 or float32)."""
+    def __call__(self, images: np.ndarray, conditions=None) -> dict[str, np.ndarray]:
+        """uint8 ``[N, H, W, C]`` (and each image's prompt or label) -> ``{"features": [N, D], ...}``."""
 
     def reference(self) -> tuple[str, np.ndarray]:
         """An id of the reference set and its uint8 images ``[M, H, W, C]``."""
@@ -47,7 +47,7 @@ class DigitsExtractor:
         return h.hexdigest()
 
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    def __call__(self, images: np.ndarray, conditions=None) -> dict[str, np.ndarray]:
         x = torch.as_tensor(np.asarray(images)).float()
         x = x.mean(dim=-1) if x.dim() == 4 else x  # grey: the channels are equal
         x = x[:, None] / 127.5 - 1.0

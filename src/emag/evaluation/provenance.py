@@ -9,6 +9,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+import torch
+
 _WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
 
@@ -36,8 +38,8 @@ def model_fingerprint(folder: str | Path) -> str:
 
 def versions(*packages: str) -> dict[str, str]:
     """Installed versions of ``packages`` (and python, torch, diffusers, emag)."""
-    out = {"python": platform.python_version()}
-    for name in ("emag", "torch", "diffusers", *packages):
+    out = {"python": platform.python_version(), "torch": torch.__version__}  # with its build (+cpu, +cu130)
+    for name in ("emag", "diffusers", *packages):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
