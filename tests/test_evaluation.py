@@ -16,6 +16,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from diffusers import DDPMScheduler
+from PIL import Image
 
 import emag
 from emag import metrics as M
@@ -205,7 +206,7 @@ def test_digits_sample_then_score_matches_a_direct_computation(tmp_path):
     # independently: the classifier's features of the PNGs and of the real digits, emag.metrics directly
     from emag.digits.data import MAX_INTENSITY, load_arrays
 
-    images = np.stack([np.asarray(__import__("PIL.Image").Image.open(out / f"{i:06d}.png")) for i in range(20)])
+    images = np.stack([np.asarray(Image.open(out / f"{i:06d}.png")) for i in range(20)])
     fake = digit_features(torch.from_numpy(images[:, None].astype(np.float32) / 255.0), value_range=(0.0, 1.0))
     real_u8 = np.rint(load_arrays()[0] / MAX_INTENSITY * 255.0)
     real = digit_features(torch.from_numpy(real_u8[:, None].astype(np.float32) / 255.0), value_range=(0.0, 1.0))
@@ -309,3 +310,71 @@ def test_a_run_killed_mid_batch_resumes_with_every_index_exactly_once(tmp_path):
     assert f"{40 - done} sample(s) generated" in r.stderr
     assert pngs(out) == pngs(ref)  # every index exactly once, each identical to an uninterrupted run
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temporary file left
+
+
+# -- a text protocol end to end, with small random networks through the extractor interface -----
+class RandomFeatures:
+    """A small random feature network (the interface of emag.evaluation.features.Extractor)."""
+
+    name = "random-conv"
+    fd_metric = "fid"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                                       torch.nn.Flatten())
+
+    def fingerprint(self):
+        return "0" * 64
+
+    @torch.no_grad()
+    def __call__(self, images, conditions=None):
+        x = torch.from_numpy(np.asarray(images)).float().permute(0, 3, 1, 2) / 255.0
+        return {"features": self.net(x).double().numpy()}
+
+
+class FakeHPS:
+    """An image-text scorer: a fixed function of the prompt's length and the image's mean."""
+
+    name = kind = "hps"
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, images, conditions):
+        self.seen += list(conditions)
+        return {"hps": np.array([len(c) / 100 + float(np.mean(im)) / 1e4 for im, c in zip(images, conditions)])}
+
+    def describe(self):
+        return {"name": "hps", "model": "fake", "weights_sha256": "f" * 64}
+
+
+def test_a_prompt_protocol_end_to_end_with_injected_networks(tmp_path):
+    from tiny_models import tiny_sd3_text_pipeline
+
+    model = tmp_path / "sd3"
+    tiny_sd3_text_pipeline(tmp_path / "build", num_layers=2).save_pretrained(model)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\na lighthouse at dusk\na bowl of fruit\n")
+    plan = plan_sampling(str(model), "prompts", source=str(prompts), num_samples=6, batch_size=3, method="cfg",
+                         guidance_scale=4.0, num_inference_steps=2, negative_prompt="blurry")
+    assert plan.config["negative_prompt"] == "blurry"
+    out = tmp_path / "run"
+    run_sampling(plan, out)
+    index = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in index] == ["a red fox", "a lighthouse at dusk", "a bowl of fruit"] * 2
+    ref = tmp_path / "real"
+    ref.mkdir()
+    for i in range(6):  # a "real" folder: the samples themselves, brightened
+        im = np.asarray(Image.open(out / f"{i:06d}.png").convert("RGB"))
+        Image.fromarray(np.clip(im.astype(int) + 40, 0, 255).astype(np.uint8)).save(ref / f"{i}.png")
+    hps = FakeHPS()
+    res = score_folder(out, extractor=RandomFeatures(), scorers=(hps,), reference=ref, reference_size=16, k=2)
+    assert hps.seen == [r["prompt"] for r in index]  # each image scored against its own prompt
+    expected = [len(r["prompt"]) / 100 + float(np.mean(np.asarray(Image.open(out / f"{i:06d}.png")
+                                                                   .convert("RGB")))) / 1e4 for i, r in enumerate(index)]
+    assert res["metrics"]["hps"] == pytest.approx(100 * np.mean(expected))
+    assert res["metrics"]["hps_median"] == pytest.approx(100 * np.median(expected))
+    assert res["metrics"]["fid"] > 0 and {"precision", "recall"} <= set(res["metrics"])
+    assert res["scorers"][0]["model"] == "fake" and res["config"]["protocol"] == "prompts"
+    assert res["reference"]["policy"] == "centre crop to a square, Lanczos resize to 16x16"

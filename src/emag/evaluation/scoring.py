@@ -250,7 +250,12 @@ def score_folder(out: str | Path, ranks: Ranks = Ranks(), extractor: Extractor |
                           "finish them with the same `emag sample` command first.")
     extractor = extractor or default_extractor(manifest["config"]["protocol"])
     start = time.perf_counter()
-    ref = reference_of(extractor, None if cache_dir is None else Path(cache_dir), reference, reference_size)
+    cache = None if cache_dir is None else Path(cache_dir)
+    if cache is not None and ranks.world > 1:  # the main process computes the reference once, the others read it
+        if ranks.main:
+            reference_of(extractor, cache, reference, reference_size)
+        ranks.barrier()
+    ref = reference_of(extractor, cache, reference, reference_size)
     conditions = [line.get("prompt", line.get("label")) for line in index]
     local: dict[int, dict[str, np.ndarray]] = {}
     stats = StreamingStats(ref.features.shape[1])
