@@ -181,3 +181,11 @@ def test_hps_and_clip_score_with_random_clip_weights(tmp_path):
     assert c.shape == (3,) and np.all((c >= 0) & (c <= 100))
     with pytest.raises(ValueError, match="class labels"):
         clip(images, [1, 2, 3])
+
+
+def test_hps_runs_on_the_real_vit_h_14_architecture():
+    """HPS v2.1's own architecture (open_clip ViT-H-14, ~1B parameters) with random weights: ~20 s here."""
+    hps = CLIPScorer("hps", None, random_weights=True)
+    assert hps.model_name == "ViT-H-14" and sum(p.numel() for p in hps.model.parameters()) > 9e8
+    s = hps(np.random.default_rng(0).integers(0, 256, size=(2, 64, 64, 3), dtype=np.uint8), ["a fox", "a dog"])["hps"]
+    assert s.shape == (2,) and np.all(np.abs(s) <= 1)
