@@ -378,3 +378,21 @@ def test_a_prompt_protocol_end_to_end_with_injected_networks(tmp_path):
     assert res["metrics"]["fid"] > 0 and {"precision", "recall"} <= set(res["metrics"])
     assert res["scorers"][0]["model"] == "fake" and res["config"]["protocol"] == "prompts"
     assert res["reference"]["policy"] == "centre crop to a square, Lanczos resize to 16x16"
+
+
+def test_cli_score_of_an_imagenet_folder_names_what_is_missing_before_any_work(tmp_path, monkeypatch):
+    model = tmp_path / "dit"
+    tiny_dit_pipeline(num_layers=2).save_pretrained(model)
+    out = tmp_path / "run"
+    run_sampling(plan_sampling(str(model), "imagenet", num_samples=1000, batch_size=1000, method="cfg",
+                               num_inference_steps=1), out)
+    monkeypatch.setattr("emag.cli.score_folder", lambda *a, **k: pytest.fail("scored without its networks"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    r = CliRunner().invoke(cli, ["score", str(out)])
+    assert r.exit_code != 0 and "needs --reference" in r.output and "VIRTUAL_imagenet256_labeled.npz" in r.output
+    np.savez(tmp_path / "ref.npz", arr_0=np.zeros((2, 8, 8, 3), np.uint8))
+    r = CliRunner().invoke(cli, ["score", str(out), "--reference", str(tmp_path / "ref.npz"),
+                                 "--weights-dir", str(tmp_path / "weights")])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert ("install the eval extra" in r.output  # without torch-fidelity
+            or "weights-inception-2015-12-05-6726825d.pth was not found" in r.output)  # with it, without weights

@@ -10,6 +10,7 @@ weights, reference set) and cached (docs/evaluation.md section 4).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import time
 from dataclasses import dataclass, field
@@ -207,8 +208,14 @@ def scoring_networks(folder: str | Path, reference, weights_dir, hps: bool, clip
         raise ValueError(f"Scoring the {protocol} protocol needs --reference: "
                          + ("the ADM reference batch VIRTUAL_imagenet256_labeled.npz." if protocol == "imagenet"
                             else "a folder of real images (COCO: val2014/)."))
-    files = [W.locate(W.INCEPTION, weights_dir)]
     text = protocol in ("coco2014", "prompts")
+    needed = ["torch_fidelity", "torchvision"] + (["open_clip"] if text and (hps or clip_score) else [])
+    missing = [m for m in needed if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"Scoring the {protocol} protocol needs {', '.join(missing)}: install the eval extra with a "
+                         "matching torch / torchvision pair, e.g. pip install torch==2.14.1 torchvision==0.29.1 && pip "
+                         "install -e '.[eval]' (README, Install).")
+    files = [W.locate(W.INCEPTION, weights_dir)]
     if text and hps:
         files.append(W.locate(W.HPS_V21, weights_dir))
     if text and clip_score:
