@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .weights import sha256
+from .provenance import sha256
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -13,11 +13,12 @@ docs/evaluation.md section 1 gives the protocols' provenance.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .provenance import sha256
 
 PROTOCOLS = ("coco2014", "imagenet", "prompts", "digits")
 
@@ -41,14 +42,6 @@ class EvalSet:
         """The index line of sample ``index`` (without its seed and config hash)."""
         c = self.conditions[index]
         return {"index": index, "prompt": c} if isinstance(c, str) else {"index": index, "label": c}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _count(num_samples: Any) -> int:
@@ -81,7 +74,7 @@ def coco_captions(path: str | Path, num_samples: int) -> EvalSet:
     n = _count(num_samples)
     if n > len(captions):
         raise ValueError(f"{path} has captions for {len(captions)} images; --num-samples {n} is more.")
-    return EvalSet("coco2014", tuple(captions[:n]), {"path": str(path), "sha256": _sha256(path),
+    return EvalSet("coco2014", tuple(captions[:n]), {"path": str(path), "sha256": sha256(path),
                                                      "images_with_captions": len(captions)})
 
 
@@ -105,7 +98,7 @@ def prompt_file(path: str | Path, num_samples: int | None) -> EvalSet:
         raise ValueError(f"Prompt file {path} has no prompts.")
     n = len(prompts) if num_samples is None else _count(num_samples)
     return EvalSet("prompts", tuple(prompts[i % len(prompts)] for i in range(n)),
-                   {"path": str(path), "sha256": _sha256(path), "prompts": len(prompts)})
+                   {"path": str(path), "sha256": sha256(path), "prompts": len(prompts)})
 
 
 def eval_set(protocol: str, num_samples: int | None, source: str | None = None, num_classes: int | None = None) -> EvalSet:

@@ -19,6 +19,15 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def sha256(path: str | Path) -> str:
+    """sha256 of a file's bytes, read by MiB."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def model_fingerprint(folder: str | Path) -> str:
     """sha256 over a model folder: every JSON config's content and every weight file's path and size
     (reading gigabytes of weights for a hash would cost minutes; a re-download of the same snapshot keeps

@@ -30,7 +30,7 @@ from .folder import FolderError, SampleFolder
 from .networks import CLIPScorer, InceptionExtractor
 from .provenance import config_hash, versions
 from . import weights as W
-from .weights import sha256
+from .provenance import sha256
 
 RESULTS = "results.json"
 RESULTS_MD = "results.md"

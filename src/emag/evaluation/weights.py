@@ -8,10 +8,11 @@ a raw ``URLError``, or a hang behind a firewall). Here each file is looked for i
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from .provenance import sha256
 
 
 @dataclass(frozen=True)
@@ -45,14 +46,6 @@ def weights_dir(given: str | os.PathLike | None = None) -> Path | None:
 def _torch_hub_checkpoints() -> Path:
     home = os.environ.get("TORCH_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "torch")
     return Path(home) / "hub" / "checkpoints"
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def locate(file: WeightFile, folder: str | os.PathLike | None = None) -> Path:
