@@ -25,12 +25,11 @@ from PIL import Image
 from .. import metrics as M
 from ..io import _atomic_write
 from .distributed import Ranks
+from . import weights as W
 from .features import DigitsExtractor, Extractor
 from .folder import FolderError, SampleFolder
 from .networks import CLIPScorer, InceptionExtractor
-from .provenance import config_hash, versions
-from . import weights as W
-from .provenance import sha256
+from .provenance import config_hash, sha256, versions
 
 RESULTS = "results.json"
 RESULTS_MD = "results.md"
