@@ -255,7 +255,7 @@ def test_output_files_follow_the_umask(umask, mode, tmp_path):
 
 
 def test_a_failed_write_leaves_neither_a_temporary_file_nor_a_changed_target(tmp_path):
-    from emag.io import _atomic_write
+    from emag.io import atomic_write
 
     target = tmp_path / "a.json"
     target.write_text("old")
@@ -265,7 +265,7 @@ def test_a_failed_write_leaves_neither_a_temporary_file_nor_a_changed_target(tmp
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        _atomic_write(target, boom)
+        atomic_write(target, boom)
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
@@ -290,7 +290,7 @@ def test_sigint_between_the_two_writes_then_resume_ends_complete(dit_dir, tmp_pa
     import emag.io
 
     out = tmp_path / "out"
-    real = emag.io._atomic_write
+    real = emag.io.atomic_write
     writes = []
 
     def interrupted(path, write):
@@ -299,12 +299,12 @@ def test_sigint_between_the_two_writes_then_resume_ends_complete(dit_dir, tmp_pa
             raise KeyboardInterrupt
         return real(path, write)
 
-    monkeypatch.setattr(emag.io, "_atomic_write", interrupted)
+    monkeypatch.setattr(emag.io, "atomic_write", interrupted)
     r = _generate(*_dit_args(dit_dir, out))
     assert r.exit_code != 0  # aborted
     assert writes == ["00000_seed0.json", "00000_seed0.png", "00001_seed1.json", "00001_seed1.png"]
     assert (out / "00001_seed1.json").is_file() and not (out / "00001_seed1.png").exists()
-    monkeypatch.setattr(emag.io, "_atomic_write", real)
+    monkeypatch.setattr(emag.io, "atomic_write", real)
     r = _generate(*_dit_args(dit_dir, out))
     assert r.exit_code == 0, r.output
     assert "1 image(s) already" in r.output

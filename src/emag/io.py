@@ -14,7 +14,7 @@ from PIL.PngImagePlugin import PngInfo
 METADATA_KEY = "emag"
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     """Write ``path`` through a temporary file in the same folder, then rename it into place: a reader (or
     an interrupted run) sees the old file or the whole new one, never a part. The temporary file is
     created like any new file (mode 0o666 less the umask, as ``open`` does; ``mkstemp`` would make every
@@ -40,7 +40,7 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]
     info = PngInfo()
     info.add_text(METADATA_KEY, text)
     write_sidecar(path, params)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     return path
 
 
@@ -51,7 +51,7 @@ def sidecar_path(path: str | os.PathLike) -> Path:
 def write_sidecar(path: str | os.PathLike, params: dict[str, Any]) -> Path:
     """The JSON sidecar ``<name>.json`` of the image ``path``."""
     side = sidecar_path(path)
-    _atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n"))
+    atomic_write(side, lambda tmp: Path(tmp).write_text(json.dumps(params, indent=2, sort_keys=True, default=str) + "\n"))
     return side
 
 
@@ -86,5 +86,5 @@ def save_grid(rows: list[list[Image.Image]], path: str | os.PathLike, min_cell: 
     for i, row in enumerate(rows):
         for j, im in enumerate(row):
             grid.paste(im.convert("RGB").resize((cw, ch), Image.NEAREST), (pad + j * (cw + pad), pad + i * (ch + pad)))
-    _atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: grid.save(tmp, format="PNG"))
     return path

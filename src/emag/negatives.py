@@ -20,7 +20,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from .engine import Step
-from .io import _atomic_write
+from .io import atomic_write
 
 GUIDED = "guided"
 
@@ -109,7 +109,7 @@ def figure(steps: list[StepImages], sample: int = 0, size: int = 160) -> Image.I
 
 def save_figure(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
     return path
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from ..io import _atomic_write
+from ..io import atomic_write
 
 MANIFEST = "manifest.json"
 INDEX = "index.jsonl"
@@ -84,10 +84,10 @@ class SampleFolder:
         if foreign:
             raise FolderError(f"{self.path} holds files that are not this run's samples: {', '.join(foreign[:5])}"
                               f"{' ...' if len(foreign) > 5 else ''}. Use an empty or emag-made --out folder.")
-        _atomic_write(self.path / MANIFEST,
+        atomic_write(self.path / MANIFEST,
                       lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n"))
         text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in index_lines)
-        _atomic_write(self.path / INDEX, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        atomic_write(self.path / INDEX, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
     def foreign_files(self) -> list[str]:
         """Names in the folder that an emag sample folder does not hold."""
@@ -113,7 +113,7 @@ class SampleFolder:
         info = PngInfo()
         info.add_text(METADATA_KEY, json.dumps(meta, sort_keys=True))
         path = self.png(index)
-        _atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
         return path
 
     def finished(self, index: int, config_hash: str) -> bool:
@@ -144,7 +144,7 @@ class SampleFolder:
         """``samples.npz`` with ``arr_0`` uint8 ``[count, H, W, 3]`` in index order (the ADM evaluator's input)."""
         arr = np.stack([self.load(i) for i in range(count)])
         path = self.path / NPZ
-        _atomic_write(path, lambda tmp: _save_npz(tmp, arr))
+        atomic_write(path, lambda tmp: _save_npz(tmp, arr))
         return path
 
 

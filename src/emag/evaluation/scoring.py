@@ -23,7 +23,7 @@ import torch.distributed as dist
 from PIL import Image
 
 from .. import metrics as M
-from ..io import _atomic_write
+from ..io import atomic_write
 from .distributed import Ranks
 from . import weights as W
 from .features import DigitsExtractor, Extractor
@@ -149,7 +149,7 @@ def reference_of(extractor: Extractor, cache_dir: Path | None, source: str | Pat
     ref = Reference(rid, feats, mu, sigma, h, policy, **extra)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write(path, lambda tmp: _save(tmp, id=rid, features=feats, mu=mu, sigma=sigma, hash=h, policy=policy, **extra))
+        atomic_write(path, lambda tmp: _save(tmp, id=rid, features=feats, mu=mu, sigma=sigma, hash=h, policy=policy, **extra))
     return ref
 
 
@@ -297,9 +297,9 @@ def score_folder(out: str | Path, ranks: Ranks = Ranks(), extractor: Extractor |
         "seconds": time.perf_counter() - start, "processes": ranks.world,
     }
     if ranks.main:
-        _atomic_write(folder.path / RESULTS,
+        atomic_write(folder.path / RESULTS,
                       lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n"))
-        _atomic_write(folder.path / RESULTS_MD, lambda tmp: Path(tmp).write_text(markdown_row(results, header=True)))
+        atomic_write(folder.path / RESULTS_MD, lambda tmp: Path(tmp).write_text(markdown_row(results, header=True)))
     ranks.barrier()
     return results
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..io import _atomic_write
+from ..io import atomic_write
 from .distributed import Ranks
 from .sampling import SamplingPlan, plan_sampling, run_sampling
 from .scoring import RESULTS, score_folder
@@ -120,5 +120,5 @@ def run_sweep(plan: SweepPlan, out: str | Path, ranks: Ranks = Ranks(), score: b
             entry["metrics"] = cached["metrics"]
         rows.append(entry)
     if ranks.main:
-        _atomic_write(out / SWEEP, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2) + "\n"))
+        atomic_write(out / SWEEP, lambda tmp: Path(tmp).write_text(json.dumps(rows, indent=2) + "\n"))
     return rows
