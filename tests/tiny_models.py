@@ -36,12 +36,15 @@ def randomize_(model: torch.nn.Module, seed: int, gain: float = 1.0) -> torch.nn
 
 
 def tiny_sd3_transformer(num_layers: int = 6, seed: int = 0, qk_norm: str | None = None, sample_size: int = 8,
-                         in_channels: int = 4) -> SD3Transformer2DModel:
+                         in_channels: int = 4, dual_attention_layers: tuple[int, ...] = ()) -> SD3Transformer2DModel:
+    """``qk_norm="rms_norm"``: SD3.5-shaped; with ``dual_attention_layers``: SD3.5-Medium-shaped (those
+    blocks also have ``attn2``, a self-attention over the image tokens)."""
     torch.manual_seed(seed)
     model = SD3Transformer2DModel(
         sample_size=sample_size, patch_size=2, in_channels=in_channels, num_layers=num_layers,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16,
         pooled_projection_dim=8, out_channels=in_channels, pos_embed_max_size=16, qk_norm=qk_norm,
+        dual_attention_layers=tuple(dual_attention_layers),
     )
     return randomize_(model, seed, gain=1.0).eval()
 

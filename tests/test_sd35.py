@@ -1,0 +1,96 @@
+"""SD3.5-shaped models (QK-norm; SD3.5 Medium's dual attention: ``attn2`` in its first blocks) through the
+SD3 family: block runner = forward, neutral scales = the base pipeline bit for bit, EMAG's fast path = its
+straightforward path, and EMAG / PAG edit the joint attention ``attn`` only (``attn2`` runs untouched)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+import emag
+from emag.families.sd3 import SD3Backbone
+from emag.plumbing.conditions import TextCondition
+from tiny_models import sd3_embeds, sd3_latents, tiny_sd3_transformer, tiny_vae
+
+MEDIUM = dict(qk_norm="rms_norm", dual_attention_layers=(0, 1, 2, 3))  # SD3.5 Medium: attn2 in blocks 0-12 of 24
+LARGE = dict(qk_norm="rms_norm")
+
+
+def pipeline(**shape):
+    tr = tiny_sd3_transformer(num_layers=6, seed=0, **shape)
+    pipe = emag.StableDiffusion3EMAGPipeline(
+        transformer=tr, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(4, 0), text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def call(pipe, **kw):
+    with torch.no_grad():
+        return pipe(**sd3_embeds(batch=2), latents=sd3_latents(batch=2), height=16, width=16, num_inference_steps=8,
+                    output_type="latent", **kw).images
+
+
+@pytest.mark.parametrize("shape", [MEDIUM, LARGE], ids=["medium", "large"])
+def test_runner_equals_forward(shape):
+    tr = tiny_sd3_transformer(num_layers=6, **shape)
+    e = sd3_embeds(2)
+    x, t = sd3_latents(2), torch.tensor([600.0, 600.0])
+    ref = tr(hidden_states=x, timestep=t, encoder_hidden_states=e["prompt_embeds"],
+             pooled_projections=e["pooled_prompt_embeds"], return_dict=False)[0]
+    b = SD3Backbone(tr)
+    s = b.embed([x], t, [TextCondition(e["prompt_embeds"], e["pooled_prompt_embeds"])])
+    for i in range(b.num_blocks):
+        s = b.block(i, s)
+    assert torch.equal(b.head(s), ref)
+
+
+@pytest.mark.parametrize("shape", [MEDIUM, LARGE], ids=["medium", "large"])
+@pytest.mark.parametrize("variant", ["full", "q"])
+def test_neutral_scale_is_the_base_pipeline_and_the_fast_path_is_exact(shape, variant):
+    pipe = pipeline(**shape)
+    base = call(pipe, guidance_scale=5.0)
+    neutral = call(pipe, guidance=[emag.CFG(5.0), emag.EMAG(1.0, layers=[1, 2, 3], variant=variant)])
+    assert torch.equal(neutral, base)
+    fast = call(pipe, guidance=[emag.CFG(5.0), emag.EMAG(2.0, layers=[1, 2, 3], variant=variant)])
+    assert any(r.apply for r in pipe.emag_trace)
+    slow = call(pipe, guidance=[emag.CFG(5.0), emag.EMAG(2.0, layers=[1, 2, 3], variant=variant)], fast=False)
+    scale = base.abs().max()
+    assert (fast - slow).abs().max() <= 1e-5 * scale
+    assert (fast - base).abs().max() > 1e-3 * scale  # EMAG really acts
+
+
+def test_edits_reach_attn_and_never_attn2():
+    """During an EMAG + PAG call on dual-attention blocks, every ``attn2`` call runs with no attention
+    routing active (no torch-function mode entered, no hook on ``attn2``), while ``attn`` calls of the
+    edited blocks are routed; afterwards no hook is left on either."""
+    pipe = pipeline(**MEDIUM)
+    blocks = pipe.transformer.transformer_blocks
+    seen = {"attn2": [], "attn": []}
+
+    def spy(module, key):
+        proc = module.processor
+
+        class Spy:
+            def __call__(self, attn, *args, **kwargs):
+                routed = torch._C._len_torch_function_stack() > 0  # the interception's mode is entered
+                seen[key].append((routed, bool(attn._forward_pre_hooks)))
+                return proc(attn, *args, **kwargs)
+
+        module.processor = Spy()
+
+    for block in blocks[:4]:
+        spy(block.attn2, "attn2")
+    spy(blocks[2].attn, "attn")
+    base = call(pipe, guidance=[emag.CFG(5.0)])
+    assert len(seen["attn2"]) == 8 * 4 and not any(r for r, _ in seen["attn2"])  # 8 steps, one pass, 4 blocks
+    seen["attn2"].clear()
+    seen["attn"].clear()
+    edited = call(pipe, guidance=[emag.CFG(5.0), emag.EMAG(2.0, layers=[1, 2, 3]), emag.PAG(2.0, layers=[2])])
+    assert (edited - base).abs().max() > 0
+    assert seen["attn2"] and not any(routed or hooked for routed, hooked in seen["attn2"])
+    assert all(routed and hooked for routed, hooked in seen["attn"])  # block 2's joint attention is routed
+    for block in blocks[:4]:  # and every hook is gone afterwards
+        assert not block.attn2._forward_pre_hooks and not block.attn2._forward_hooks
+        assert not block.attn._forward_pre_hooks and not block.attn._forward_hooks
