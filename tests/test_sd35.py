@@ -94,3 +94,32 @@ def test_edits_reach_attn_and_never_attn2():
     for block in blocks[:4]:  # and every hook is gone afterwards
         assert not block.attn2._forward_pre_hooks and not block.attn2._forward_hooks
         assert not block.attn._forward_pre_hooks and not block.attn._forward_hooks
+
+
+def test_guide_wraps_an_existing_diffusers_pipeline():
+    from diffusers import StableDiffusion3Pipeline
+
+    from tiny_models import tiny_dit_pipeline, tiny_sd3_pipeline
+
+    base = tiny_sd3_pipeline(num_layers=4)
+    assert type(base) is StableDiffusion3Pipeline
+    pipe = emag.guide(base)
+    assert isinstance(pipe, emag.StableDiffusion3EMAGPipeline) and pipe.transformer is base.transformer
+    assert emag.guide(pipe) is pipe
+    assert isinstance(emag.guide(tiny_dit_pipeline(num_layers=2)), emag.DiTEMAGPipeline)
+    with torch.no_grad():  # the wrapper computes what the base pipeline computes at a neutral scale
+        kw = dict(**sd3_embeds(), height=16, width=16, num_inference_steps=3, output_type="latent")
+        a = base(latents=sd3_latents(), guidance_scale=4.0, **kw).images
+        b = pipe(latents=sd3_latents(), guidance=[emag.CFG(4.0), emag.PAG(0.0, layers=[1])], **kw).images
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="has no `transformer`"):
+        emag.guide(object())
+
+    class Unet(torch.nn.Module):
+        pass
+
+    class Other:
+        transformer = Unet()
+
+    with pytest.raises(ValueError, match="does not support the model family Unet"):
+        emag.guide(Other())

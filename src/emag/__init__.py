@@ -46,6 +46,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "StableDiffusion3EMAGPipeline": ".pipelines",
     "DiTEMAGPipeline": ".pipelines",
+    "guide": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
 }
 
@@ -70,6 +71,7 @@ __all__ = [
     "ERG",
     "FAMILIES",
     "get_preset",
+    "guide",
     "GuiderWindow",
     "MissingWeightsError",
     "ModelFamily",

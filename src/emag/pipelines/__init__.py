@@ -4,6 +4,7 @@ from .._compat import quiet_transformers_import
 
 with quiet_transformers_import():
     from .dit import DiTEMAGPipeline
+    from .guide import guide
     from .sd3 import StableDiffusion3EMAGPipeline
 
-__all__ = ["DiTEMAGPipeline", "StableDiffusion3EMAGPipeline"]
+__all__ = ["DiTEMAGPipeline", "StableDiffusion3EMAGPipeline", "guide"]
