@@ -139,7 +139,7 @@ def test_a_folder_of_another_configuration_is_refused_before_any_work(tmp_path, 
     monkeypatch.setattr("emag.evaluation.sampling.prepare_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(FolderError, match="another configuration.*differ in: .*emag"):
         run_sampling(other, out)
-    with pytest.raises(FolderError, match="another configuration.*batch_size"):
+    with pytest.raises(FolderError, match=r"another configuration.*differ in: batch_size\.$"):
         run_sampling(digits_plan(n=10, batch=5), out)
 
 
@@ -396,3 +396,17 @@ def test_cli_score_of_an_imagenet_folder_names_what_is_missing_before_any_work(t
     assert r.exit_code != 0 and "Traceback" not in r.output
     assert ("install the eval extra" in r.output  # without torch-fidelity
             or "weights-inception-2015-12-05-6726825d.pth was not found" in r.output)  # with it, without weights
+
+
+def test_a_run_extends_to_more_samples_and_refuses_fewer(tmp_path):
+    out = tmp_path / "run"
+    run_sampling(digits_plan(n=20, batch=10), out)
+    before = pngs(out)
+    more = run_sampling(digits_plan(n=30, batch=10), out)  # N is not part of the configuration
+    assert (more.generated, more.already_done) == (10, 20)
+    after = pngs(out)
+    assert len(after) == 30 and all(after[k] == v for k, v in before.items())
+    assert json.loads((out / "manifest.json").read_text())["num_samples"] == 30
+    assert len((out / "index.jsonl").read_text().splitlines()) == 30
+    with pytest.raises(FolderError, match="beyond --num-samples 20"):
+        run_sampling(digits_plan(n=20, batch=10), out)

@@ -175,4 +175,6 @@ def read_sample_meta(path: Path) -> dict[str, Any]:
 
 
 def _differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys whose values differ, compared as stored (JSON: tuples are lists)."""
+    a, b = (json.loads(json.dumps(d, sort_keys=True, default=str)) for d in (a, b))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))

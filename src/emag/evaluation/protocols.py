@@ -84,8 +84,7 @@ def balanced_labels(protocol: str, num_samples: int, num_classes: int) -> EvalSe
     if n % num_classes:
         raise ValueError(f"--num-samples {n} is not a multiple of the {num_classes} classes: a {protocol} set is "
                          f"balanced (the same number of samples per class); use e.g. {num_classes * max(1, n // num_classes)}.")
-    return EvalSet(protocol, tuple(i % num_classes for i in range(n)),
-                   {"classes": num_classes, "per_class": n // num_classes, "order": "i mod classes"})
+    return EvalSet(protocol, tuple(i % num_classes for i in range(n)), {"classes": num_classes, "order": "i mod classes"})
 
 
 def prompt_file(path: str | Path, num_samples: int | None) -> EvalSet:
