@@ -64,7 +64,7 @@ def test_weak_condition_equals_an_encoder_with_scaled_query_weights(pipe, condit
 
 
 def test_only_the_named_text_encoders_are_weakened(pipe):
-    """docs/guidance-methods.md section 10.3: which SD3 text encoder(s) C-ERG weakens is a config list."""
+    """docs/guidance.md section 10.3: which SD3 text encoder(s) C-ERG weakens is a config list."""
     prompt = ["a red cube", "two dogs"]
     term = ERG(tau=1.0, text_tau=0.3, text_depth=DEPTH, text_encoders=["clip_g"])
     run(pipe, [emag.CFG(4.0), term])

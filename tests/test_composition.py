@@ -134,7 +134,7 @@ def test_cfg_rescale_matches_formula(base, pipe):
 
 
 def test_cfg_rescale_runs_in_its_own_space_whatever_the_combine_space(base, pipe):
-    """The std matching is not affine (docs/guidance-methods.md section 2.2): by default it runs on the velocity (diffusers'),
+    """The std matching is not affine (docs/guidance.md section 2.2): by default it runs on the velocity (diffusers'),
     also when another term makes the call combine in x0 space; rescale_space="x0" rescales x0 estimates."""
     g = [emag.CFG(5.0, rescale=0.7)]
     native = pipe(**kw(num_inference_steps=1, guidance=g)).images
@@ -194,7 +194,7 @@ def test_cfg_without_a_scale_takes_the_calls_guidance_scale(pipe):
 
 
 def test_cfg_zero_star_zero_init_ignores_the_window_and_zeroes_every_term(pipe):
-    """diffusers' guider tests step < zero_init_steps before its window; the step's output is 0 (docs/guidance-methods.md section 4.4)."""
+    """diffusers' guider tests step < zero_init_steps before its window; the step's output is 0 (docs/guidance.md section 4.4)."""
     def stays(p, i, t, k):
         if i == 0:
             torch.testing.assert_close(k["latents"], sd3_latents(2), rtol=0, atol=0)
@@ -215,7 +215,7 @@ def test_cfg_zero_star_zero_init_and_scale(pipe):
 
 @pytest.mark.parametrize("original", [False, True])
 def test_cfg_zero_star_combination_against_the_formula(original):
-    """docs/guidance-methods.md section 4.4: s* = <c, u> / (||u||^2 + 1e-8) per sample; D = s* u + w (c - s* u), or in the
+    """docs/guidance.md section 4.4: s* = <c, u> / (||u||^2 + 1e-8) per sample; D = s* u + w (c - s* u), or in the
     original formulation D = c + w (c - s* u); zero output for the first zero_init_steps steps."""
     from emag.families import SD3
     from emag.guidance.base import Setup
@@ -234,7 +234,7 @@ def test_cfg_zero_star_combination_against_the_formula(original):
 
 
 def test_cfg_zero_star_zero_init_step_runs_no_model_pass(pipe, monkeypatch):
-    """docs/guidance-methods.md section 4.4: a zero-init step can skip the model entirely: no pass, the same latents."""
+    """docs/guidance.md section 4.4: a zero-init step can skip the model entirely: no pass, the same latents."""
     from emag.guidance.cfg import CFGZeroStarRuntime
 
     g = [emag.CFGZeroStar(4.0, zero_init_steps=1)]

@@ -107,7 +107,7 @@ def test_apg_clamp_absolute_and_rms_and_projection():
 
 
 def test_apg_paper_convention_is_diffusers_original_formulation_with_w_minus_1():
-    """docs/guidance-methods.md section 5.3: paper ``c + (w - 1) update`` == diffusers(use_original_formulation, w - 1)."""
+    """docs/guidance.md section 5.3: paper ``c + (w - 1) update`` == diffusers(use_original_formulation, w - 1)."""
     from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer, normalized_guidance
 
     w, eta, beta, r = 6.0, 0.4, -0.5, 3.0
@@ -410,7 +410,7 @@ def test_cads_config_errors():
     lambda: [emag.CFG(5.0), emag.S2(1.0, form="literal", space="native", layers=[1, 2, 3, 4])],
 ])
 def test_a_space_dependent_term_keeps_its_own_space_when_the_others_combine_in_x0(pipe, make):
-    """docs/guidance-methods.md section 2.2: each term declares its space and is converted explicitly; forcing the
+    """docs/guidance.md section 2.2: each term declares its space and is converted explicitly; forcing the
     combine into x0 space (as an x0 term such as SAG does) must not move APG-native, CFG-Zero* (velocity)
     or the literal S² off their own space."""
     g = make() if isinstance(make(), list) else [make()]
@@ -431,7 +431,7 @@ def test_cfg_zero_star_zero_init_is_zero_velocity_in_any_combine_space(pipe):
 
 
 def test_nothing_active_is_the_conditional_prediction_exactly_in_x0_space(pipe):
-    """docs/guidance-methods.md section 3.3: w = 1 and every scale 0 gives D_c exactly, even with combine_space="x0"."""
+    """docs/guidance.md section 3.3: w = 1 and every scale 0 gives D_c exactly, even with combine_space="x0"."""
     g = [emag.CFG(1.0), emag.PAG(0.0, layers=[2])]
     native = pipe(**kw(guidance=g)).images
     assert torch.equal(pipe(**kw(guidance=g, combine_space="x0")).images, native)

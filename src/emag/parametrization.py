@@ -2,7 +2,7 @@
 
 At a fixed ``x_t`` and noise level, eps, v and x0 are affine in each other with the SAME coefficients
 for every branch, so any combination whose branch weights sum to one is identical in every space
-(docs/guidance-methods.md section 2.1); non-affine methods (APG, CFG-Zero*, rescale) depend on the space.
+(docs/guidance.md section 2.1); non-affine methods (APG, CFG-Zero*, rescale) depend on the space.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Evaluation at scale: sample an evaluation set (``emag sample``), score it (``emag score``).
 
-docs/evaluation.md describes the protocols, the folder format and how runs are sharded and resumed.
+docs/eval.md describes the protocols, the folder format and how runs are sharded and resumed.
 """
 
 from .distributed import Ranks, process_group

@@ -3,7 +3,7 @@
 Started by ``torchrun`` or ``accelerate launch`` (both set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``)
 the process group is initialised here (NCCL for CUDA, gloo otherwise); a plain ``python`` run is rank 0
 of 1. Work is cut into fixed global batches and batch ``b`` goes to rank ``b mod world``: which process
-runs a batch never changes what it computes (docs/evaluation.md section 3).
+runs a batch never changes what it computes (docs/eval.md section 3).
 """
 
 from __future__ import annotations

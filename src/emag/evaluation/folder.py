@@ -1,6 +1,6 @@
 """A sample folder: PNGs named by index, an index, a manifest; checked, resumable, never mixed.
 
-Layout (docs/evaluation.md section 3)::
+Layout (docs/eval.md section 3)::
 
     manifest.json    the full configuration, its hash, library versions, the model's fingerprint
     index.jsonl      one line per sample: index, seed, prompt or label, config hash

@@ -1,6 +1,6 @@
 """The standard scoring networks, through the libraries made for them (optional dependencies: install
 ``emag[eval]``): torch-fidelity's TF-exact Inception-v3 (FID, sFID, IS, KID, precision / recall), and
-open_clip for HPS v2.1 and CLIPScore (docs/evaluation.md section 4).
+open_clip for HPS v2.1 and CLIPScore (docs/eval.md section 4).
 
 Each network implements the extractor interface of :mod:`.features`: ``net(images, conditions)`` with
 uint8 ``[N, H, W, C]`` images returns named per-sample arrays.

@@ -8,7 +8,7 @@
 - ``prompts``: a UTF-8 text file, one prompt per line (empty lines skipped), used in order and cycled.
 - ``digits``: the bundled digits model's 10 classes, as ``imagenet``.
 
-docs/evaluation.md section 1 gives the protocols' provenance.
+docs/eval.md section 1 gives the protocols' provenance.
 """
 
 from __future__ import annotations

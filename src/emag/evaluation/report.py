@@ -11,7 +11,7 @@
 
 The operating point is this project's rule (the paper picks a scale on the frontier by inspection): the
 frontier point nearest to the ideal corner (lowest distance, highest quality) after scaling both axes to
-[0, 1] over all results (docs/evaluation.md section 5).
+[0, 1] over all results (docs/eval.md section 5).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One seed per evaluation sample, derived from the run's global seed and the sample's index.
 
-``sample_seed(seed, i)`` is SplitMix64's output function applied to ``seed`` and ``i`` (docs/evaluation.md
+``sample_seed(seed, i)`` is SplitMix64's output function applied to ``seed`` and ``i`` (docs/eval.md
 section 2): a fixed, well-mixed 63-bit integer, so that no two samples of a run, nor sample ``i`` of seed
 ``s`` and sample ``j`` of seed ``s + 1``, share a noise stream. Every sample draws all its noise (the
 initial latent and, with an ancestral sampler, every step's noise) from its own generator, so its noise

@@ -5,7 +5,7 @@ field, the values to try; several fields multiply. ``cfg`` is the CFG scale (``-
 is a method's parameter as ``--param`` writes it (``emag.scale``, ``pag.scale``, ``emag.layers`` with a
 range such as ``6-8``: values are separated by commas). Every point is an ordinary sample folder
 (``<out>/<point>/``) made by :func:`.sampling.run_sampling` and scored by :func:`.scoring.score_folder`,
-so a rerun skips finished samples and finished scores (docs/evaluation.md section 5).
+so a rerun skips finished samples and finished scores (docs/eval.md section 5).
 """
 
 from __future__ import annotations

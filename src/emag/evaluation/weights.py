@@ -3,7 +3,7 @@
 None of the metric libraries verifies a hash, and all of them try to download on first use (offline:
 a raw ``URLError``, or a hang behind a firewall). Here each file is looked for in ``--weights-dir`` (or
 ``$EMAG_WEIGHTS_DIR``) and in the library's own cache, and checked (sha256) before anything runs
-(docs/evaluation.md section 4).
+(docs/eval.md section 4).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """APG, Adaptive Projected Guidance (Sadat, Hilliges, Weber, ICLR 2025, arXiv 2410.02416).
 
 Paper Algorithm 1, per step, on the denoised (x0) predictions of the conditional and unconditional
-branches (docs/guidance-methods.md section 5.1):
+branches (docs/guidance.md section 5.1):
 
 1. ``diff = D_c - D_u``;
 2. reverse momentum ``M <- diff + beta M`` (beta < 0; ``M = 0`` at the start of every call; the buffer
@@ -62,7 +62,7 @@ def apg_clamp(diff: Tensor, norm_threshold: float, threshold_mode: str = "absolu
     """Norm clamp ``diff * min(1, r / ||diff||)`` per sample over all non-batch dims; ``r = 0`` is off.
 
     ``threshold_mode="rms"`` compares ``r`` with the root-mean-square ``||diff|| / sqrt(numel)``
-    instead, which does not grow with the latent size (docs/guidance-methods.md section 5.4).
+    instead, which does not grow with the latent size (docs/guidance.md section 5.4).
     """
     if norm_threshold <= 0:
         return diff
@@ -102,7 +102,7 @@ class APG(GuidanceConfig):
     ``eta = 1, momentum = 0, norm_threshold = 0`` is exactly CFG with the same ``w``. diffusers'
     ``AdaptiveProjectedGuidance`` by default returns ``u + w update`` instead, which is not ``c`` at
     ``w = 1``; the paper's formula is diffusers' ``use_original_formulation=True`` with
-    ``guidance_scale = w - 1`` (docs/guidance-methods.md section 5.3). ComfyUI's node uses ``w_paper = w_ui + 1``.
+    ``guidance_scale = w - 1`` (docs/guidance.md section 5.3). ComfyUI's node uses ``w_paper = w_ui + 1``.
 
     Args:
         scale: ``w`` (paper convention, ``>= 0``; 1 is off). Default per backbone: SD3 12 (the EMAG
@@ -115,8 +115,8 @@ class APG(GuidanceConfig):
         norm_threshold: ``r``, the clamp radius (``>= 0``; 0 disables the clamp). Default per
             backbone: SD3 7.5 (EMAG reference SD3 APG), DiT 5 (EMAG reference DiT APG). The
             paper uses 2.5 to 15 depending on the model; ``r`` depends on the latent size, so
-            re-tune it per model and resolution (docs/guidance-methods.md section 5.4).
-        target: which guidance directions APG shapes (docs/guidance-methods.md section 5.5):
+            re-tune it per model and resolution (docs/guidance.md section 5.4).
+        target: which guidance directions APG shapes (docs/guidance.md section 5.5):
             ``"cfg"`` (default): only the CFG term, ``D = c' + (w - 1) APG(c' - u) + sum_k s_k (c - p_k)``,
             perturbation terms stay linear; ``c'`` is the refined conditional (EMAG nested:
             ``c' = c + (w_e - 1)(c - c_e)``, the paper's EMAG + APG).

@@ -7,7 +7,7 @@ less time) that receives the SAME condition [src: NVlabs/edm2 ``generate_images.
 
 This is not "CFG with a degraded unconditional branch" (diffusers' ``AutoGuidance`` guider, which feeds
 the negative embeddings to a layer-dropped copy of the main model), and a layer-dropout proxy of the main
-model is not autoguidance (docs/guidance-methods.md section 13). EDM2's presets use ``w`` 2.05-2.10 with an XS / M
+model is not autoguidance (docs/guidance.md section 13). EDM2's presets use ``w`` 2.05-2.10 with an XS / M
 weak model; the default here, 2.0, is a starting point.
 """
 

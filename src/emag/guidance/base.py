@@ -1,4 +1,4 @@
-"""The composition contract every guidance method follows (docs/guidance-methods.md, composition).
+"""The composition contract every guidance method follows (docs/guidance.md, composition).
 
 A method is a small frozen **config** dataclass (what the user writes: ``PAG(3.0, layers=[13])``) whose
 ``runtime(setup)`` builds a **runtime** owning the per-call state (EMA, momentum buffers, RNGs). At
@@ -102,7 +102,7 @@ class TermRuntime:
     kind: str = "additive"
     space: str = "native"  # "native" or "x0"
     # True when the term's result depends on the space it is computed in (non-affine or branch weights not
-    # summing to one, docs/guidance-methods.md section 2.2): it is then always computed in ``space`` and converted,
+    # summing to one, docs/guidance.md section 2.2): it is then always computed in ``space`` and converted,
     # whatever space the other terms are combined in
     space_sensitive: bool = False
     # base terms: the space ``post`` (e.g. CFG rescale) runs in; None = the combine space

@@ -1,7 +1,7 @@
 """CADS, Condition-Annealed Diffusion Sampler (Sadat et al., ICLR 2024 spotlight, arXiv 2310.17347).
 
 At normalised model time ``t`` in [0, 1] (1 = noisiest), the condition ``y`` fed to the denoiser is
-replaced by (docs/guidance-methods.md section 6.1)
+replaced by (docs/guidance.md section 6.1)
 
     gamma(t) = 1 if t <= tau1;  (tau2 - t) / (tau2 - tau1) if tau1 < t < tau2;  0 if t >= tau2
     y_hat    = sqrt(gamma) y + s sqrt(1 - gamma) n,          n ~ N(0, I), fresh every step
@@ -39,7 +39,7 @@ _STREAM_SALT = 0x43414453  # "CADS"
 
 def stream_seed(seed: int) -> int:
     """The seed of CADS's own generator for a user ``seed``: a fixed mix, so that ``CADS(seed=s)`` does not
-    replay the numbers of a latent generator seeded with the same ``s`` (separate streams, docs/guidance-methods.md section 3.6)."""
+    replay the numbers of a latent generator seeded with the same ``s`` (separate streams, docs/guidance.md section 3.6)."""
     return (seed * 0x9E3779B97F4A7C15 + _STREAM_SALT) % (2**63)
 
 
@@ -89,7 +89,7 @@ class CADS(GuidanceConfig):
 
     Every branch that consumes the conditional condition in a step (``cond`` and every perturbed
     branch: PAG, SEG, EMAG, ...) gets the identical noised ``y_hat``, so a perturbation difference
-    contains no CADS noise (docs/guidance-methods.md section 3.5).
+    contains no CADS noise (docs/guidance.md section 3.5).
 
     Args:
         tau1, tau2: schedule breakpoints in normalised model time, ``0 <= tau1 < tau2`` (defaults 0.6,

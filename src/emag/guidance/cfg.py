@@ -45,8 +45,8 @@ def check_rescale(rescale: float, space: str) -> None:
 
 class RescaleRuntime(TermRuntime):
     """A base term whose config has ``rescale`` / ``rescale_space``: CFG rescale after all terms
-    (docs/guidance-methods.md sections 4.3, 3.2), in its own space whatever space the terms were combined in (the std
-    matching is not affine, docs/guidance-methods.md section 2.2). diffusers applies it after CFG, APG and CFG-Zero* alike."""
+    (docs/guidance.md sections 4.3, 3.2), in its own space whatever space the terms were combined in (the std
+    matching is not affine, docs/guidance.md section 2.2). diffusers applies it after CFG, APG and CFG-Zero* alike."""
 
     @property
     def post_space(self) -> str | None:
@@ -67,7 +67,7 @@ class CFG(GuidanceConfig):
         window: step window (fractions ``(start, stop)``, half-open) or a :class:`~emag.SigmaInterval`.
         interval: the guidance interval of Kynkaanniemi et al. (NeurIPS 2024): ``(sigma_lo, sigma_hi]`` in
             EDM sigma; outside it CFG is off and the unconditional pass is skipped. Exclusive with ``window``.
-            The paper's DiT-XL/2 settings are for the 512 px model (docs/guidance-methods.md section 4.2): FID-optimal
+            The paper's DiT-XL/2 settings are for the 512 px model (docs/guidance.md section 4.2): FID-optimal
             ``(0.34, 1.02]`` with ``w = 2.5`` (FID 3.04 -> 2.40), FD_DINOv2-optimal ``(0.45, 1.23]`` with
             ``w = 4.0``; with this library's sigma of the 250-step reference sampler
             (``sqrt((1 - abar) / abar)``) they guide 41 and 42 of the 250 steps. DiT-XL/2 256 px was not
@@ -75,7 +75,7 @@ class CFG(GuidanceConfig):
         rescale: CFG-rescale ``phi`` in [0, 1] (0 = off), per sample, applied after all terms. Lin et al.'s
             value is 0.7 as diffusers and other implementations use it (their section 3.4; the
             sentence itself was not reachable offline).
-        rescale_space: the space the rescale's std matching runs in (it is not affine, docs/guidance-methods.md
+        rescale_space: the space the rescale's std matching runs in (it is not affine, docs/guidance.md
             sections 2.2, 4.3): ``"native"`` (default; diffusers': epsilon for DiT, velocity for SD3) or ``"x0"``.
             The same whatever other terms are active.
         guided_channels: DiT only: guide only the first N latent channels (3 = the original DiT convention).
@@ -124,8 +124,8 @@ class CFG(GuidanceConfig):
 
 
 class CFGRuntime(RescaleRuntime):
-    """CFG; its rescale (after all terms, docs/guidance-methods.md section 3.2) runs in ``rescale_space`` whatever
-    space the terms are combined in: the std matching is not affine (docs/guidance-methods.md section 2.2), so the same call must not
+    """CFG; its rescale (after all terms, docs/guidance.md section 3.2) runs in ``rescale_space`` whatever
+    space the terms are combined in: the std matching is not affine (docs/guidance.md section 2.2), so the same call must not
     rescale differently because another term asked for x0 space."""
 
     kind = "base"
@@ -148,7 +148,7 @@ class CFGZeroStar(GuidanceConfig):
     ``window`` says (diffusers' guider checks it before its window). Alone it runs no model pass; with other
     terms their passes still run (EMAG's EMA is fed, RNG streams advance) and their result is discarded.
 
-    ``original_formulation=True``: the original-CFG form ``D = c + w (c - s* u)`` (docs/guidance-methods.md
+    ``original_formulation=True``: the original-CFG form ``D = c + w (c - s* u)`` (docs/guidance.md
     section 4.4, diffusers' ``use_original_formulation``; ``w`` there is ``w' = w_Imagen - 1``).
 
     ``rescale`` / ``rescale_space``: CFG rescale after it, as :class:`CFG`'s (diffusers applies it after

@@ -2,13 +2,13 @@
 
 The weak prediction comes from the same network with a flattened (higher-entropy) attention energy:
 the queries of selected blocks are multiplied by ``tau < 1``, i.e. attention temperature ``1 / tau``.
-The ERG prediction REPLACES the unconditional one (docs/guidance-methods.md section 10):
+The ERG prediction REPLACES the unconditional one (docs/guidance.md section 10):
 
     D = D_ERG + w (D_c - D_ERG)
 
 so a call costs two passes, like CFG, and it works without any unconditional branch ("I-ERG" for
 unconditional models). The concrete codification followed here is ACE-Step's [src: ace-step
-``pipeline_ace_step.py``, docs/guidance-methods.md section 10.2]: ``tau = 0.01`` on the queries of a band of middle
+``pipeline_ace_step.py``, docs/guidance.md section 10.2]: ``tau = 0.01`` on the queries of a band of middle
 blocks. The EMAG reference code's ERG baseline (queries scaled by tau_i = 0.01, then a "multistep"
 attention update ``q <- q - gamma (q - alpha Attn(q, K, V))`` with alpha = gamma = 1 and one step,
 whose result is the block's attention output) reduces exactly to this: the output is
@@ -92,7 +92,7 @@ class ERG(GuidanceConfig):
             8-10, CLIP-G 22-29, T5-XXL 16-21); the paper note says every layer, ``(0, 1)``.
         text_encoders: which SD3 text encoders C-ERG weakens, names from ``("clip_l", "clip_g", "t5")``
             (``text_encoder``, ``text_encoder_2``, ``text_encoder_3``). ``None`` (default): every loaded
-            one; which ones the paper weakens for SD3 is not known (docs/guidance-methods.md section 10.3). An encoder
+            one; which ones the paper weakens for SD3 is not known (docs/guidance.md section 10.3). An encoder
             named here must be loaded.
         ``tau=1`` with ``text_tau`` set gives C-ERG alone (no denoiser edit).
     """

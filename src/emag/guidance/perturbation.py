@@ -1,7 +1,7 @@
 """Shared machinery of the perturbation methods: ``D += s (c - p)`` with ``p`` a weakened conditional.
 
 A perturbation term owns one extra branch on the conditional input whose rows carry the term's
-edits (attention or whole-block); its combination is the canonical additive term (docs/guidance-methods.md
+edits (attention or whole-block); its combination is the canonical additive term (docs/guidance.md
 section 3.3). Layers default to the model family's (:mod:`emag.families`) when not given.
 """
 
@@ -125,7 +125,7 @@ class SkipBlockRows(BlockEdit):
 def seeded_generator(*keys: int) -> torch.Generator:
     """A CPU generator seeded from integer keys, e.g. ``(seed, step, sample)``.
 
-    The same keys give the same stream on every machine and for every batch layout (docs/guidance-methods.md
+    The same keys give the same stream on every machine and for every batch layout (docs/guidance.md
     section 3.6: separate RNG streams for S² masks and TPG permutations, independent of the latent noise). The
     keys are mixed with blake2b, because Python's ``hash`` is not a stable contract across versions.
     """
@@ -147,7 +147,7 @@ def check_weak_scale(value: Any) -> float | None:
 
 
 class WeakGuidanceRuntime(TermRuntime):
-    """A weak prediction ``D_w`` of one extra branch, used in one of two roles (docs/guidance-methods.md section 3.4):
+    """A weak prediction ``D_w`` of one extra branch, used in one of two roles (docs/guidance.md section 3.4):
 
     - ``config.scale = w`` (kind ``"refine"``): the term is a guidance rule of its own,
       ``c' = D_w + w (c - D_w)``, written ``c + (w - 1)(c - D_w)`` so that ``w = 1`` and ``D_w == c``

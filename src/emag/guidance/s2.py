@@ -2,7 +2,7 @@
 
 The weak model is a random SUB-NETWORK of the model itself: a random subset of transformer blocks is
 dropped (identity on both streams), with a new random subset at every step, on the conditional input
-(docs/guidance-methods.md section 11). Two combine forms circulate:
+(docs/guidance.md section 11). Two combine forms circulate:
 
 - ``"contrastive"`` (default): ``D += omega (c - c_sub)``, coefficients sum to one, so the result is the
   same in every parametrisation; omega 1.0 [3rd-party: ComfyUI-BerniniR]. Checked (2026-11, via a paper

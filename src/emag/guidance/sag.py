@@ -1,6 +1,6 @@
 """SAG, Self-Attention Guidance (Hong, Lee, Jang, Kim, ICCV 2023, arXiv 2210.00939).
 
-Per step (docs/guidance-methods.md section 9.1):
+Per step (docs/guidance.md section 9.1):
 
 1. The normal pass stores the self-attention of ONE block for the branch the guidance is built from:
    the unconditional branch when it runs this step (with CFG, paper Eq. 25), otherwise the conditional.

@@ -25,7 +25,7 @@ from .base import GuidanceConfig, Setup, TermRuntime, check_scale, window_of
 from .perturbation import PerturbationRuntime, resolve_layers
 
 # A band of three middle blocks. SEG has no official SD3 / DiT setting (the SDXL default is the UNet
-# ``mid`` block); docs/guidance-methods.md section 15 lists "middle blocks (tune)".
+# ``mid`` block); docs/guidance.md section 15 lists "middle blocks (tune)".
 
 # sigma above this is infinite blur: SEG-SDXL's ``inf_blur_threshold`` (9999.0).
 INF_BLUR_THRESHOLD = 9999.0

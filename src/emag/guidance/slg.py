@@ -49,7 +49,7 @@ class STG(GuidanceConfig):
 
     STG-A uses PAG's identity edit: on DiT the attention output becomes ``V``; on SD3's joint attention the
     image->image block becomes the identity while image queries still see the text keys and text rows are
-    untouched (docs/guidance-methods.md section 7.2). diffusers' ``skip_attention_scores`` (``V`` for every row, text
+    untouched (docs/guidance.md section 7.2). diffusers' ``skip_attention_scores`` (``V`` for every row, text
     included) is a different perturbation; the STG paper's exact MMDiT mapping is [unverified]."""
 
     scale: float = 1.0

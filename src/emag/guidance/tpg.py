@@ -2,7 +2,7 @@
 
 The weak branch randomly permutes the INPUT tokens of selected transformer blocks along the token axis:
 one permutation per block and forward call, shared by every row of the branch, and NOT undone afterwards
-[src: TaatiTeam/Token-Perturbation-Guidance ``pipeline_sdxl_tpg.py``, docs/guidance-methods.md section 14]. Only
+[src: TaatiTeam/Token-Perturbation-Guidance ``pipeline_sdxl_tpg.py``, docs/guidance.md section 14]. Only
 the image tokens are permuted (SD3's text stream is untouched). Additive:
 
     D = u + w (c - u) + s (c - c_TPG)
