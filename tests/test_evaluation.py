@@ -24,8 +24,6 @@ from emag.cli import cli
 from emag.digits.classifier import features as digit_features
 from emag.digits.classifier import predict as digit_predict
 from emag.evaluation import FolderError, SampleFolder, eval_set, plan_sampling, run_sampling, sample_seed
-from emag.evaluation.distributed import Ranks
-from emag.evaluation.features import DigitsExtractor
 from emag.evaluation.scoring import StreamingStats, score_folder
 from emag.evaluation.seeds import sample_generators
 from tiny_models import tiny_dit_pipeline

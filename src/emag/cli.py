@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import click
+import torch
 from tqdm.auto import tqdm
 
 from .dtypes import MODEL_DTYPES
@@ -373,7 +374,7 @@ def negatives_cmd(model, prompt, class_label, seed, at, out_dir, **options):
     with torch_threads(plan.threads):
         pipe = prepare_pipeline(plan, quiet=True)
         watcher = Watcher(pipe, steps)
-        result = run_job(pipe, plan, condition, plan.seed, on_step_outputs=watcher)
+        result = run_job(pipe, plan, [condition], torch.Generator().manual_seed(plan.seed), on_step_outputs=watcher)
     save_png(result.images[0], out / "image.png", {"condition": condition, "seed": plan.seed, "method": plan.method,
                                                   "guidance": plan.term_params})
     click.echo(str(save_figure(figure(watcher.steps), out / "negatives.png")))

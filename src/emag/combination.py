@@ -1,12 +1,12 @@
 """The combination of one step's branch predictions into the guided prediction.
 
-In the order of the composition contract (docs/guidance-methods.md, how terms compose): the refine terms
+In the order of the composition contract (docs/guidance.md, how terms compose): the refine terms
 rewrite the conditional prediction, the uncond terms replace the unconditional one, the CFG-like base
 term combines them, the additive terms add their differences, the base term's post-processing (CFG
 rescale) follows; the guided channels replace the conditional prediction's (the rest, e.g. DiT's learned
 variance, stay). Terms combine in the model's native output space, or in x0 space when an active term
 asks for it (or always, ``combine_space="x0"``); a term whose result depends on the space computes in
-its own and is converted (docs/guidance-methods.md, output spaces).
+its own and is converted (docs/guidance.md, output spaces).
 """
 
 from __future__ import annotations
@@ -54,16 +54,6 @@ class Predictions(Mapping):
 
     def __len__(self) -> int:
         return len(self._preds)
-
-
-def _convert(t: Tensor | None, frm: str, to: str, x: Tensor, param: Any, delta: bool = False) -> Tensor | None:
-    """A prediction (or, ``delta=True``, a difference of predictions) at input ``x`` from space ``frm``
-    to space ``to``: the affine map between the model's native output and x0 (its linear part for a
-    difference)."""
-    if t is None or frm == to:
-        return t
-    f = param.to_x0 if to == "x0" else param.from_x0
-    return f(x, t) - f(x, torch.zeros_like(t)) if delta else f(x, t)
 
 
 def _convert(t: Tensor | None, frm: str, to: str, x: Tensor, param: Any, delta: bool = False) -> Tensor | None:

@@ -439,16 +439,17 @@ def check_output_folder(plan: GenerationPlan, out_dir) -> int:
     return done
 
 
-def run_job(pipe, plan: GenerationPlan, condition, seed: int, **call_options: Any):
-    """One pipeline call of the plan: one image of ``condition`` (a prompt or a class id) from a CPU
-    generator seeded ``seed``; ``call_options`` go to the pipeline (e.g. ``on_step_outputs``)."""
+def run_job(pipe, plan: GenerationPlan, conditions: list, generator, **call_options: Any):
+    """One pipeline call of the plan: one image per condition (a prompt or a class id) with the plan's
+    guidance and sampling settings; ``generator``: one generator, or one per image; ``call_options``
+    go to the pipeline (e.g. ``on_step_outputs``, ``noise_layout``)."""
     common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                  generator=torch.Generator(device="cpu").manual_seed(seed), guidance=plan.terms,
-                  batching=plan.batching, fast=plan.fast, **call_options)
+                  generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast, **call_options)
     if plan.family.text_conditioned:
-        return pipe(prompt=condition, negative_prompt=plan.negative_prompt, height=plan.height, width=plan.width,
+        negative = None if plan.negative_prompt is None else [plan.negative_prompt] * len(conditions)
+        return pipe(prompt=list(conditions), negative_prompt=negative, height=plan.height, width=plan.width,
                     **common)
-    return pipe(class_labels=[condition], **common)  # noise layout: the pipeline's default
+    return pipe(class_labels=list(conditions), **common)
 
 
 def prepare_pipeline(plan: GenerationPlan, pipe=None, quiet: bool = False, device: str | None = None):
@@ -479,7 +480,7 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
             if not ready:
                 pipe = prepare_pipeline(plan, pipe, quiet=len(plan.jobs) > 1)
                 ready = True
-            out = run_job(pipe, plan, job["condition"], params["seed"])
+            out = run_job(pipe, plan, [job["condition"]], torch.Generator(device="cpu").manual_seed(params["seed"]))
         emag_run = next((r for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
         if emag_run is not None and params["emag"] is not None:
             params["emag"] = {**params["emag"], **emag_run.run_record()}  # e.g. the storage "auto" chose

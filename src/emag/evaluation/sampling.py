@@ -6,7 +6,7 @@ load. ``run_sampling`` then runs this process's share of the fixed global batche
 :mod:`.distributed`), skipping batches whose PNGs are all there, and writes each sample atomically.
 Every sample draws its noise from its own generator (:mod:`.seeds`); a batch is always the same set of
 indices, so a sample's image depends on neither the number of processes nor an interruption
-(docs/evaluation.md section 3).
+(docs/eval.md section 3).
 """
 
 from __future__ import annotations
@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from ..generate import GenerationPlan, model_facts, plan_generation, prepare_pipeline
+from ..generate import GenerationPlan, model_facts, plan_generation, prepare_pipeline, run_job
 from ..threads import torch_threads
 from .distributed import Ranks
 from .folder import FolderError, SampleFolder
@@ -106,17 +104,6 @@ class SamplingSummary:
                 f"{self.num_samples} in the folder.")
 
 
-def _call(pipe, plan: GenerationPlan, conditions: list, generators: list[torch.Generator]):
-    common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
-                  generator=generators, guidance=plan.terms, batching=plan.batching, fast=plan.fast)
-    if plan.family.text_conditioned:
-        negative = None if plan.negative_prompt is None else [plan.negative_prompt] * len(conditions)
-        return pipe(prompt=list(conditions), negative_prompt=negative, height=plan.height, width=plan.width,
-                    **common).images
-    # per-sample generators: each row's ancestral noise from its own generator
-    return pipe(class_labels=list(conditions), noise_layout="samples", **common).images
-
-
 def run_sampling(plan: SamplingPlan, out: str | Path, ranks: Ranks = Ranks(), pipe=None,
                  progress: Callable[[int], None] | None = None) -> SamplingSummary:
     """Run this process's batches of ``plan`` into ``out`` (every process of the group calls it).
@@ -124,7 +111,7 @@ def run_sampling(plan: SamplingPlan, out: str | Path, ranks: Ranks = Ranks(), pi
     all processes are estimated to have finished."""
     folder = SampleFolder(out)
     error = None
-    already = 0
+    already, finished = 0, set()
     if ranks.main:
         try:
             folder.prepare(plan.manifest(), (plan.index_line(i) for i in range(plan.num_samples)))
@@ -132,7 +119,8 @@ def run_sampling(plan: SamplingPlan, out: str | Path, ranks: Ranks = Ranks(), pi
             if extra:
                 raise FolderError(f"{folder.path} holds samples beyond --num-samples {plan.num_samples} "
                                   f"({', '.join(extra[:3])} ...): give the larger --num-samples.")
-            already = len(folder.finished_indices(plan.num_samples, plan.config_hash))
+            finished = folder.finished_indices(plan.num_samples, plan.config_hash)
+            already = len(finished)
         except (FolderError, OSError) as exc:
             error = exc
     if ranks.any(error is not None):
@@ -142,8 +130,11 @@ def run_sampling(plan: SamplingPlan, out: str | Path, ranks: Ranks = Ranks(), pi
     ranks.barrier()
     if progress is not None and ranks.main and already:
         progress(already)
-    todo = [b for b in ranks.batches(plan.num_samples, plan.batch_size)
-            if not all(folder.finished(i, plan.config_hash) for i in b)]
+    if ranks.main:  # the main process has just checked every sample; the others check their own batches
+        todo = [b for b in ranks.batches(plan.num_samples, plan.batch_size) if not set(b) <= finished]
+    else:
+        todo = [b for b in ranks.batches(plan.num_samples, plan.batch_size)
+                if not all(folder.finished(i, plan.config_hash) for i in b)]
     g = plan.generation
     start = time.perf_counter()
     generated = 0
@@ -152,7 +143,9 @@ def run_sampling(plan: SamplingPlan, out: str | Path, ranks: Ranks = Ranks(), pi
             pipe = prepare_pipeline(g, pipe, quiet=True, device=ranks.device(g.device))
         for batch in todo:
             conditions = [plan.samples.conditions[i] for i in batch]
-            images = _call(pipe, g, conditions, sample_generators(g.seed, batch))
+            # class-conditional: each row's ancestral noise from its own generator (noise_layout="samples")
+            layout = {} if g.family.text_conditioned else {"noise_layout": "samples"}
+            images = run_job(pipe, g, conditions, sample_generators(g.seed, batch), **layout).images
             for i, image in zip(batch, images):
                 if not folder.png(i).exists():
                     folder.write(i, image, {**plan.index_line(i)})

@@ -5,7 +5,7 @@ Gaussian statistics are float64 streaming sums added across processes; the per-s
 precision / recall / density / coverage and the classifier metrics) are gathered in index order on the
 main process, which computes the metrics with :mod:`emag.metrics` and writes ``results.json`` and a
 Markdown row ``results.md`` into the folder. Reference statistics are computed once per (extractor
-weights, reference set) and cached (docs/evaluation.md section 4).
+weights, reference set) and cached (docs/eval.md section 4).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,7 +187,7 @@ def default_extractor(protocol: str) -> Extractor:
     if protocol == "digits":
         return DigitsExtractor()
     raise ValueError(f"Scoring the {protocol} protocol needs the Inception network: give its weights "
-                     "(emag score --weights-dir, docs/evaluation.md section 4).")
+                     "(emag score --weights-dir, docs/eval.md section 4).")
 
 
 def scoring_networks(folder: str | Path, reference, weights_dir, hps: bool, clip_score: bool, device: str = "cpu",
@@ -307,7 +307,7 @@ def score_folder(out: str | Path, ranks: Ranks = Ranks(), extractor: Extractor |
 def _metrics(extractor, ref: Reference, stats: StreamingStats, spatial: StreamingStats | None,
              per_sample: dict[int, dict[str, np.ndarray]], n: int, index: list[dict], k: int, kid_subset_size: int,
              is_splits: int) -> dict[str, float]:
-    """Every metric the extractor's outputs and the reference allow (docs/evaluation.md section 4)."""
+    """Every metric the extractor's outputs and the reference allow (docs/eval.md section 4)."""
     feats = _stack(per_sample, "features", n)
     mu, sigma = stats.mean_cov()
     values: dict[str, float] = {getattr(extractor, "fd_metric", "fd"): M.frechet_distance(ref.mu, ref.sigma, mu, sigma)}
