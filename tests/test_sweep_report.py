@@ -95,3 +95,6 @@ def test_cli_sweep_then_report(tmp_path):
     assert "| cfg_cfg-2 | cfg | 2 |" in r.output and (tmp_path / "rep" / "fd_precision_plane.svg").exists()
     r = CliRunner().invoke(cli, ["report", str(tmp_path / "c"), "--out", str(tmp_path / "rep2")])
     assert r.exit_code != 0 and "no results.json" in r.output
+    (tmp_path / "notes.json").write_text("not json")
+    r = CliRunner().invoke(cli, ["report", str(tmp_path / "notes.json"), "--out", str(tmp_path / "rep3")])
+    assert r.exit_code != 0 and "notes.json is not an emag results file" in r.output and "Traceback" not in r.output

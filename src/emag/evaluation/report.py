@@ -55,19 +55,31 @@ def _scale_of(config: dict[str, Any], values: dict[str, str] | None) -> float:
     return float(config.get("guidance_scale", math.nan))
 
 
+def _read(path: Path, what: str, keys: tuple[str, ...]) -> Any:
+    """The JSON of ``path``, which must be ``what`` (an object with ``keys``, or a list of them)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path} is not {what} ({exc}).") from None
+    items = data if isinstance(data, list) else [data]
+    if not all(isinstance(d, dict) and all(k in d for k in keys) for d in items):
+        raise ValueError(f"{path} is not {what} (expected the keys {', '.join(keys)}).")
+    return data
+
+
 def load_rows(paths: list[str | Path]) -> list[Row]:
     """Results from ``results.json`` files, sample folders holding one, or sweep folders (``sweep.json``)."""
     rows: list[Row] = []
     for p in map(Path, paths):
         if (p / SWEEP).exists():
-            for entry in json.loads((p / SWEEP).read_text()):
-                res = json.loads(Path(entry["results"]).read_text())
+            for entry in _read(p / SWEEP, "an emag sweep listing", ("point", "method", "values", "results")):
+                res = _read(Path(entry["results"]), "an emag results file", ("config", "metrics"))
                 rows.append(Row(entry["point"], entry["method"], _scale_of(res["config"], entry["values"]), res["metrics"]))
             continue
         f = p / RESULTS if p.is_dir() else p
         if not f.exists():
             raise ValueError(f"{p}: no {RESULTS} or {SWEEP} there; run `emag score` or `emag sweep` first.")
-        res = json.loads(f.read_text())
+        res = _read(f, "an emag results file (from `emag score`)", ("config", "metrics"))
         rows.append(Row(f.parent.name, res["config"]["method"], _scale_of(res["config"], None), res["metrics"]))
     if not rows:
         raise ValueError("No results to report.")
