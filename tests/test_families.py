@@ -11,13 +11,15 @@ from emag.families import DIT, FAMILIES, SD3, family_named, family_of, family_of
 from emag.guidance.base import Setup
 from emag.guidance.perturbation import resolve_layers
 from emag.guidance.registry import METHODS
-from tiny_models import tiny_dit_transformer, tiny_sd3_transformer
+from tiny_models import tiny_dit_transformer, tiny_flux_transformer, tiny_sd3_transformer
 
-TINY = {"sd3": lambda: tiny_sd3_transformer(num_layers=6), "dit": lambda: tiny_dit_transformer(num_layers=6)}
+TINY = {"sd3": lambda: tiny_sd3_transformer(num_layers=6), "dit": lambda: tiny_dit_transformer(num_layers=6),
+        "flux": lambda: tiny_flux_transformer(num_layers=2, num_single_layers=4)}
+BACKBONE_OPTIONS = {"dit": {"scheduler": None}, "flux": {"guidance": 3.5}}
 SRC = Path(emag.__file__).parent
 # the modules that are a family's by nature: its registry module, its pipeline, the bundled DiT, and the
 # EMAG presets (the published settings of each family's reference models)
-OWNERS = ("families/", "pipelines/sd3.py", "pipelines/dit.py", "digits/", "guidance/emag/config.py")
+OWNERS = ("families/", "pipelines/sd3.py", "pipelines/dit.py", "pipelines/flux.py", "digits/", "guidance/emag/config.py")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -27,12 +29,13 @@ def test_each_record_fits_its_transformer(name, tmp_path):
     assert family_of(tr) is family and family_named(name) is family
     assert family.num_blocks(tr) == 6
     for layer in range(6):  # every block has the attention module the record names
-        assert family.attention_module(tr, layer) is getattr(family.blocks(tr)[layer], family.attention_attr)
+        blist, _ = family.locate(layer, family.block_counts(tr))
+        assert family.attention_module(tr, layer) is getattr(family.blocks(tr)[layer], blist.attention_attr)
     tr.save_config(tmp_path)
     assert family_of_transformer_config(json.loads((tmp_path / "config.json").read_text())) is family
     assert all(family_of_pipeline(c) is family for c in family.pipeline_classes)
     assert family.pipeline_class().family is family  # the pipeline the record names serves this family
-    assert family.backbone_of(tr, **({"scheduler": None} if name == "dit" else {})).num_blocks == 6
+    assert family.backbone_of(tr, **BACKBONE_OPTIONS.get(name, {})).num_blocks == 6
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -48,11 +51,13 @@ def test_every_method_has_default_layers_inside_any_model(name):
             continue
         d = family.default_layers(method)
         assert d is not None, (name, method)
-        full = resolve_layers(None, Setup(family, family.reference_blocks, 10, 1), method, method)
-        assert full and max(full) < family.reference_blocks
+        ref = family.reference_counts
+        full = resolve_layers(None, Setup(family, sum(ref), 10, 1, block_counts=ref), method, method)
+        assert full and max(full) < sum(ref)
         if callable(d):
-            small = resolve_layers(None, Setup(family, 4, 10, 1), method, method)
-            assert small and max(small) < 4
+            small = (4,) * len(ref)
+            small = resolve_layers(None, Setup(family, sum(small), 10, 1, block_counts=small), method, method)
+            assert small and max(small) < 4 * len(ref)
 
 
 def test_presets_are_built_from_the_families_defaults():
@@ -67,7 +72,7 @@ def test_no_other_module_names_a_family():
     """Family names, their records and their transformer classes appear in code only in the modules that
     are the family's (above); everything else asks the registry (prose in docstrings and messages aside)."""
     names = {f.name for f in FAMILIES.values()} | {f.transformer_class for f in FAMILIES.values()}
-    records = {"SD3", "DIT"}
+    records = {"SD3", "DIT", "FLUX"}
     offenders = []
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC).as_posix()

@@ -123,3 +123,57 @@ def test_guide_wraps_an_existing_diffusers_pipeline():
 
     with pytest.raises(ValueError, match="does not support the model family Unet"):
         emag.guide(Other())
+
+
+class RefPAGJointProcessor:
+    """Reference PAG for one SD3.5 block, written out: the joint attention ``[image ; text]`` with QK-norm
+    (which diffusers' PAG joint processors skip) and an additive mask making image->image the identity
+    (image queries still see the text keys; text queries untouched)."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+
+        def split(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = split(attn.to_q(hidden_states)), split(attn.to_k(hidden_states)), split(attn.to_v(hidden_states))
+        q, k = attn.norm_q(q), attn.norm_k(k)
+        tq, tk = attn.norm_added_q(split(attn.add_q_proj(encoder_hidden_states))), attn.norm_added_k(
+            split(attn.add_k_proj(encoder_hidden_states)))
+        tv = split(attn.add_v_proj(encoder_hidden_states))
+        qj, kj, vj = torch.cat([q, tq], 2), torch.cat([k, tk], 2), torch.cat([v, tv], 2)
+        n = qj.shape[2]
+        mask = torch.zeros(n, n)
+        block = torch.full((n_img, n_img), float("-inf"))
+        block.fill_diagonal_(0.0)
+        mask[:n_img, :n_img] = block
+        out = torch.nn.functional.scaled_dot_product_attention(qj, kj, vj, attn_mask=mask[None, None])
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])
+        img, txt = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            txt = attn.to_add_out(txt)
+        return attn.to_out[1](attn.to_out[0](img)), txt
+
+
+@pytest.mark.parametrize("shape", [MEDIUM, LARGE], ids=["medium", "large"])
+def test_pag_equals_an_independent_reference(shape):
+    """PAG's perturbed branch on an SD3.5 block (QK-norm; Medium's block 2 also has attn2) equals the
+    transformer run with the written-out reference processor on the same input."""
+    pipe = pipeline(**shape)
+    steps = []
+    call(pipe, guidance=[emag.CFG(5.0), emag.PAG(2.0, layers=[2])],
+         on_step_outputs=lambda step, guided: steps.append((step.x, step.t, dict(step.outputs))))
+    x, t, outputs = steps[3]
+    branch = next(k for k in outputs if k.startswith("pag"))
+    attn = pipe.transformer.transformer_blocks[2].attn
+    original = attn.processor
+    attn.processor = RefPAGJointProcessor()
+    e = sd3_embeds(batch=2)
+    try:
+        with torch.no_grad():
+            ref = SD3Backbone(pipe.transformer).forward(
+                [x], t, [TextCondition(e["prompt_embeds"], e["pooled_prompt_embeds"])])
+    finally:
+        attn.processor = original
+    torch.testing.assert_close(outputs[branch], ref, rtol=1e-5, atol=1e-5)
+    assert (outputs[branch] - outputs["cond"]).abs().max() > 1e-3

@@ -15,6 +15,8 @@ from diffusers import (
     DiTPipeline,
     DiTTransformer2DModel,
     FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -209,3 +211,35 @@ def tiny_sd3_text_pipeline(folder, num_layers: int = 6, seed: int = 0) -> Stable
         text_encoder_2=tiny_clip_text_encoder(seed + 2, len(tok2)), tokenizer_2=tok2,
         text_encoder_3=None, tokenizer_3=None,
     )
+
+
+def tiny_flux_transformer(num_layers: int = 3, num_single_layers: int = 4, seed: int = 0,
+                          guidance_embeds: bool = True) -> FluxTransformer2DModel:
+    """Flux-shaped: ``num_layers`` double blocks, ``num_single_layers`` single blocks, QK-norm, RoPE over
+    (2, 2, 4) axes, 4 latent channels packed 2 x 2 (16 input features), a guidance embedding (dev-like)."""
+    torch.manual_seed(seed)
+    model = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=num_layers, num_single_layers=num_single_layers,
+        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+        guidance_embeds=guidance_embeds, axes_dims_rope=(2, 2, 4),
+    )
+    return randomize_(model, seed, gain=1.0).eval()
+
+
+def tiny_flux_pipeline(seed: int = 0, cls=FluxPipeline, **shape) -> FluxPipeline:
+    pipe = cls(transformer=tiny_flux_transformer(seed=seed, **shape), scheduler=FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True), vae=tiny_vae(4, seed), text_encoder=None, tokenizer=None,
+        text_encoder_2=None, tokenizer_2=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def flux_embeds(batch: int = 1, seed: int = 1, tokens: int = 5) -> dict[str, torch.Tensor]:
+    e = sd3_embeds(batch, seed, tokens)
+    return e
+
+
+def flux_latents(batch: int = 1, seed: int = 2, size: int = 8) -> torch.Tensor:
+    """Packed ``[B, (size/2)^2, 16]`` latents of a ``size x size`` 4-channel latent (a 4 size px image)."""
+    x = sd3_latents(batch, seed, size, 4)
+    return x.view(batch, 4, size // 2, 2, size // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, (size // 2) ** 2, 16)

@@ -46,6 +46,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "StableDiffusion3EMAGPipeline": ".pipelines",
     "DiTEMAGPipeline": ".pipelines",
+    "FluxEMAGPipeline": ".pipelines",
     "guide": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
 }
@@ -67,6 +68,7 @@ __all__ = [
     "CFGZeroStar",
     "dit_reference_scheduler",
     "DiTEMAGPipeline",
+    "FluxEMAGPipeline",
     "EMAG",
     "ERG",
     "FAMILIES",

@@ -49,7 +49,7 @@ class Step:
     ctx: StepContext
     active: list[TermRuntime]
     conditions: dict[str, Any]
-    grid: tuple[int, int]  # the (H/p, W/p) image-token grid
+    grid: tuple[int, ...]  # the image-token grid: (H/p, W/p), or (frames, H/p, W/p) for video
     outputs: dict[str, Tensor] = field(default_factory=dict)
     inputs: dict[str, Tensor] = field(default_factory=dict)
 
@@ -118,7 +118,7 @@ class GuidanceEngine:
             if r.kind == "condition":
                 conditions = r.condition(conditions, ctx)
         normal = [n for n in self.backbones["main"].normal_order if n == "cond" or (n == "uncond" and need_uncond)]
-        step = Step(x, t, ctx, active, conditions, (x.shape[-2] // self._patch(), x.shape[-1] // self._patch()))
+        step = Step(x, t, ctx, active, conditions, self.backbones["main"].token_grid(x))
         names = set(normal)
         self.last_passes = []
         # block -> branch -> that branch's rows of the state entering the block (from any pass this step)
@@ -351,7 +351,7 @@ class GuidanceEngine:
         return state.rows(index), self.scope.plan
 
     def _join(self, state: RunState, plan: ForwardPlan, joiners: list[Branch],
-              grid: tuple[int, int]) -> tuple[RunState, ForwardPlan]:
+              grid: tuple[int, ...]) -> tuple[RunState, ForwardPlan]:
         """Append the rows of suffix branches entering the current block: copies of their sources' rows."""
         rows = {g.branch: g.rows for g in plan.groups}
         parts, groups, offset = [state], list(plan.groups), int(state.hidden.shape[0])
@@ -370,8 +370,5 @@ class GuidanceEngine:
             raise RuntimeError(f"Edits planned on blocks that were not installed: {sorted(missing)}")
         self.scope.plan = joined
         return RunState.cat(parts), joined
-
-    def _patch(self) -> int:
-        return int(getattr(self.scope.transformer.config, "patch_size", 1) or 1)
 
 __all__ = ["BATCHING", "GuidanceEngine", "STAGES"]

@@ -100,8 +100,12 @@ class ModelFacts:
     bundled: bool
 
     @property
+    def block_counts(self) -> tuple[int, ...]:
+        return self.family.config_block_counts(self.transformer)
+
+    @property
     def num_blocks(self) -> int:
-        return int(self.transformer.get("num_layers", 0))
+        return sum(self.block_counts)
 
     @property
     def patch(self) -> int:
@@ -206,7 +210,7 @@ def plan_generation(
         num_inference_steps=p.num_inference_steps if num_inference_steps is None else num_inference_steps,
         seed=p.seed if seed is None else seed, num_images=num_images, dtype=dtype, device=device,
         batching=batching, fast=fast,
-        resolved_emag=None if emag is None else resolve(emag, m.family, m.num_blocks).to_dict(),
+        resolved_emag=None if emag is None else resolve(emag, m.family, m.block_counts).to_dict(),
     )
     check_count("num_inference_steps", plan.num_inference_steps, "the number of sampling steps, --steps")
     if m.family.text_conditioned:
@@ -317,7 +321,8 @@ def _check_terms(plan: GenerationPlan, m: ModelFacts) -> None:
     CFG-like terms and guided channels beyond the model's are reported before any weights are loaded."""
     guided_channels_of(plan.terms, m.family, int(m.transformer.get("in_channels", 4)))
     setup = Setup(family=m.family, num_blocks=m.num_blocks, num_steps=plan.num_inference_steps, batch_size=1,
-                  uses_uncond=uses_uncond(plan.terms, m.family, plan.guidance_scale), fast=plan.fast)
+                  uses_uncond=uses_uncond(plan.terms, m.family, plan.guidance_scale), fast=plan.fast,
+                  block_counts=m.block_counts)
     make_runtimes(plan.terms, setup)
 
 

@@ -14,9 +14,10 @@ from torch import nn
 
 from .base import LayerDefault, ModelFamily, every_block, middle
 from .dit import DIT
+from .flux import FLUX
 from .sd3 import SD3
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD3, DIT)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD3, DIT, FLUX)}
 
 
 def hub_models() -> dict[str, bool]:
@@ -57,5 +58,5 @@ def family_of_pipeline(class_name: str) -> ModelFamily | None:
     return next((f for f in FAMILIES.values() if class_name in f.pipeline_classes), None)
 
 
-__all__ = ["DIT", "FAMILIES", "LayerDefault", "ModelFamily", "SD3", "every_block", "family_named", "family_of",
+__all__ = ["DIT", "FAMILIES", "FLUX", "LayerDefault", "ModelFamily", "SD3", "every_block", "family_named", "family_of",
            "family_of_pipeline", "family_of_transformer_config", "hub_models", "middle", "supported"]

@@ -16,28 +16,53 @@ from typing import Any
 
 from torch import nn
 
+from ..layers import BlockRef, parse_layers
+
 # A method's default blocks: a fixed tuple (the reference model's), or a band computed from the block
 # count (kept inside the model on shallow ones).
 LayerDefault = tuple[int, ...] | Callable[[int], tuple[int, ...]]
 
-TOKEN_LAYOUTS = ("image_first_joint", "image_only")
+# how a block's attention sequence holds the image tokens: ``image_first_joint`` ``[image ; text]`` (SD3),
+# ``text_first_joint`` ``[text ; image]`` (Flux's double and single blocks), ``image_only`` (self-attention
+# over the image tokens: DiT, PixArt, video DiTs)
+TOKEN_LAYOUTS = ("image_first_joint", "text_first_joint", "image_only")
 PREDICTIONS = ("flow", "epsilon")
 CONDITIONINGS = ("text", "class")
 
 
-def middle(width: int) -> Callable[[int], tuple[int, ...]]:
-    """The ``width`` blocks around the middle of an ``n``-block model (1: ``n // 2``; 3: ``n//2 - 1 .. n//2 + 1``)."""
+def middle(width: int, within: str | None = None) -> Callable[[int], tuple[int, ...]]:
+    """The ``width`` blocks around the middle of an ``n``-block model (1: ``n // 2``; 3: ``n//2 - 1 .. n//2 + 1``);
+    ``within``: of the named block list (models with several lists), else of all blocks."""
     lo = width // 2
 
     def band(n: int) -> tuple[int, ...]:
         return tuple(range(n // 2 - lo, n // 2 - lo + width))
 
-    band.__name__ = f"middle_{width}"
+    band.__name__ = f"middle_{width}" + (f"_of_{within}" if within else "")
+    band.within = within
     return band
 
 
 def every_block(n: int) -> tuple[int, ...]:
     return tuple(range(n))
+
+
+@dataclass(frozen=True)
+class BlockList:
+    """One list of transformer blocks: its name in layer addresses (``double`` in ``"double:10-12"``),
+    the transformer's attribute holding it, each block's attention module and its token layout."""
+
+    name: str
+    attr: str
+    attention_attr: str
+    token_layout: str
+    count_key: str = "num_layers"  # the transformer config's entry giving the list's length
+
+    def __post_init__(self) -> None:
+        if self.token_layout not in TOKEN_LAYOUTS:
+            raise ValueError(f"{self.name}: unknown token layout {self.token_layout!r}")
+
+
 
 
 @dataclass(frozen=True)
@@ -60,8 +85,9 @@ def _import(path: str) -> Any:
 class ModelFamily:
     """One transformer family (see the module docstring).
 
-    ``token_layout``: ``"image_first_joint"`` for MMDiT joint attention over ``[image ; text]`` (image
-    tokens first), ``"image_only"`` for self-attention over the ``(H/p) x (W/p)`` patch grid.
+    ``block_lists``: the model's block lists in execution order (one for most families; Flux has a
+    ``double`` and a ``single`` list); a layer is a block's position in their concatenation, written by
+    the user as ``list:index`` where there is more than one list (:meth:`resolve_layers`).
     ``scale_queries_first``: the rounding order of the reference's explicit attention (scale Q before
     the matmul, or the logits after it). ``normal_order``: the rows of the pipeline's batched
     cond/uncond pass. ``emag_protocol``: which of EMAG's update protocols its published numbers used
@@ -75,14 +101,12 @@ class ModelFamily:
     pipeline_classes: tuple[str, ...]  # the diffusers pipelines in model_index.json
     pipeline: str  # "module:Class" of this package's pipeline
     backbone: str  # "module:Class" running one batched pass / a suffix of blocks
-    blocks_attr: str
-    attention_attr: str
-    token_layout: str
+    block_lists: tuple[BlockList, ...]
     scale_queries_first: bool
     prediction: str
     conditioning: str
     normal_order: tuple[str, str]
-    reference_blocks: int  # blocks of the reference model the fixed default layers were given for
+    reference_blocks: int | tuple[int, ...]  # per block list, the reference model's (fixed defaults' model)
     emag_protocol: str
     defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     # the hub models of the family emag knows by name: hub id -> gated (the licence must be accepted on
@@ -90,10 +114,14 @@ class ModelFamily:
     hub_models: Mapping[str, bool] = field(default_factory=dict)
     samplers: tuple[str, ...] = ()  # reference samplers a run may ask for besides the model's own scheduler
     legacy_transformer: Callable[[dict], bool] | None = None  # an old config class name diffusers remaps
+    # methods not defined on this family, with the reason (e.g. Sana's linear attention has no softmax map)
+    undefined_methods: Mapping[str, str] = field(default_factory=dict)
+    # the pipeline's ``guidance_scale`` is an embedded (distilled) guidance, not CFG (Flux.1-dev)
+    distilled_guidance: bool = False
 
     def __post_init__(self) -> None:
-        if self.token_layout not in TOKEN_LAYOUTS:
-            raise ValueError(f"{self.name}: unknown token layout {self.token_layout!r}")
+        if not self.block_lists:
+            raise ValueError(f"{self.name}: no block list")
         if self.prediction not in PREDICTIONS or self.conditioning not in CONDITIONINGS:
             raise ValueError(f"{self.name}: unknown prediction or conditioning")
 
@@ -105,18 +133,123 @@ class ModelFamily:
     def default_layers(self, method: str) -> LayerDefault | None:
         return self.default(method, "layers")
 
+    def default_layer_positions(self, method: str, counts: tuple[int, ...], what: str) -> tuple[int, ...]:
+        """The block positions of ``method``'s default layers in a model with ``counts`` blocks per list: a
+        fixed selection (the reference model's; out of range in a smaller model is an error) or a band of
+        the block count, kept inside the model on shallow ones."""
+        d = self.default_layers(method)
+        if d is None:
+            raise ValueError(f"{what} has no default layers for {self.label}; pass `layers=`.")
+        if not callable(d):
+            fixed = parse_layers(d)
+            try:
+                return self.resolve_layers(fixed, counts)
+            except ValueError:
+                raise ValueError(f"{what}'s default layers {[str(x) for x in fixed]} (the full-size {self.label} "
+                                 f"model's) do not exist in this model ({', '.join(self._lists_text(counts))}); "
+                                 "pass `layers=`.") from None
+        within = getattr(d, "within", None)
+        if within is None:  # a band of all blocks, in execution order: block positions
+            n = sum(counts)
+            positions = tuple(i for i in parse_layers(d(n)) if 0 <= i < n)
+        else:
+            n = dict(zip((b.name for b in self.block_lists), counts))[within]
+            positions = self.resolve_layers(tuple(BlockRef(within, i) for i in parse_layers(d(n)) if 0 <= i < n)
+                                            or (), counts) if n else ()
+        if not positions:
+            raise ValueError(f"{what}'s default band has no block in this model ({', '.join(self._lists_text(counts))}); "
+                             "pass `layers=`.")
+        return positions
+
     # -- model mechanics -----------------------------------------------------------------------------
-    def blocks(self, transformer: nn.Module) -> nn.ModuleList:
-        return getattr(transformer, self.blocks_attr)
+    @property
+    def reference_counts(self) -> tuple[int, ...]:
+        r = self.reference_blocks
+        return (r,) if isinstance(r, int) else tuple(r)
+
+    def block_counts(self, transformer: nn.Module) -> tuple[int, ...]:
+        """The number of blocks of each block list."""
+        return tuple(len(getattr(transformer, b.attr)) for b in self.block_lists)
+
+    def config_block_counts(self, config: Mapping[str, Any]) -> tuple[int, ...]:
+        """The number of blocks of each block list, from a saved transformer config (before loading)."""
+        return tuple(int(config.get(b.count_key, 0)) for b in self.block_lists)
+
+    def blocks(self, transformer: nn.Module) -> list[nn.Module]:
+        """Every block, the block lists concatenated in execution order (a layer's position)."""
+        return [blk for b in self.block_lists for blk in getattr(transformer, b.attr)]
 
     def num_blocks(self, transformer: nn.Module) -> int:
-        return len(self.blocks(transformer))
+        return sum(self.block_counts(transformer))
+
+    def locate(self, layer: int, counts: tuple[int, ...]) -> tuple[BlockList, int]:
+        """The block list holding ``layer`` and the block's index within it."""
+        for b, n in zip(self.block_lists, counts):
+            if layer < n:
+                return b, layer
+            layer -= n
+        raise IndexError(f"layer {layer} beyond the model's blocks")
+
+    def address(self, layer: int, counts: tuple[int, ...]) -> str:
+        """How a user writes ``layer``: its index (one block list) or ``list:index``."""
+        if len(self.block_lists) == 1:
+            return str(layer)
+        b, i = self.locate(layer, counts)
+        return f"{b.name}:{i}"
 
     def attention_module(self, transformer: nn.Module, layer: int) -> nn.Module:
-        module = getattr(self.blocks(transformer)[layer], self.attention_attr, None)
+        b, i = self.locate(layer, self.block_counts(transformer))
+        module = getattr(getattr(transformer, b.attr)[i], b.attention_attr, None)
         if module is None:
-            raise ValueError(f"Block {layer} of {self.transformer_class} has no attention module `{self.attention_attr}`.")
+            raise ValueError(f"Block {self.address(layer, self.block_counts(transformer))} of {self.transformer_class} "
+                             f"has no attention module `{b.attention_attr}`.")
         return module
+
+    def attention_path(self, transformer: nn.Module, layer: int) -> str:
+        """The attention module of ``layer`` as a module path (for messages)."""
+        b, i = self.locate(layer, self.block_counts(transformer))
+        return f"{b.attr}[{i}].{b.attention_attr}"
+
+    def token_layout(self, layer: int, counts: tuple[int, ...]) -> str:
+        return self.locate(layer, counts)[0].token_layout
+
+    @property
+    def has_text_tokens(self) -> bool:
+        """Whether some block's attention sequence holds text tokens besides the image tokens."""
+        return any(b.token_layout != "image_only" for b in self.block_lists)
+
+    def resolve_layers(self, layers: tuple, counts: tuple[int, ...]) -> tuple[int, ...]:
+        """Block positions (sorted) of parsed ``layers`` (ints, or :class:`BlockRef` s ``list:index``),
+        checked against a model with ``counts`` blocks per list. Plain indices are accepted only where the
+        model has one block list: in Flux ``10`` could mean either list."""
+        if any(isinstance(x, BlockRef) for x in layers):
+            names = {b.name: k for k, b in enumerate(self.block_lists)}
+            out = []
+            for x in layers:
+                if not isinstance(x, BlockRef):
+                    raise ValueError(f"Mixed layer forms {[str(v) for v in layers]}: write every block as list:index.")
+                if x.list not in names:
+                    raise ValueError(f"{self.label} has no block list {x.list!r} (its lists: "
+                                     f"{', '.join(self._lists_text(counts))}).")
+                k = names[x.list]
+                if x.index >= counts[k]:
+                    raise ValueError(f"Layer {x} out of range: {self.label}'s {x.list!r} list has {counts[k]} blocks "
+                                     f"(valid indices 0-{counts[k] - 1}).")
+                out.append(sum(counts[:k]) + x.index)
+            return tuple(sorted(set(out)))
+        if len(self.block_lists) > 1:
+            first = self.block_lists[0].name
+            raise ValueError(f"{self.label} has {len(self.block_lists)} block lists ({', '.join(self._lists_text(counts))}): "
+                             f"name the list of each layer, e.g. '{first}:{min(layers)}' instead of {min(layers)}.")
+        total = sum(counts)
+        bad = [l for l in layers if l >= total]
+        if bad:
+            raise ValueError(f"Layer(s) {bad} out of range: {self.transformer_class} has {total} transformer blocks "
+                             f"(valid indices 0-{total - 1}).")
+        return tuple(sorted(set(layers)))
+
+    def _lists_text(self, counts: tuple[int, ...]) -> list[str]:
+        return [f"{b.name}: {n} blocks" for b, n in zip(self.block_lists, counts)]
 
     @property
     def text_conditioned(self) -> bool:

@@ -23,7 +23,7 @@ from ..plumbing.conditions import ClassCondition
 from ..plumbing.hooks import CallHooks
 from ..plumbing.runner import RunState
 from ..windows import RemainingStepsWindow
-from .base import AttentionGeometry, ModelFamily, every_block, middle
+from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
 
 
 def _legacy_dit(config: dict) -> bool:
@@ -36,7 +36,7 @@ DIT = ModelFamily(
     name="dit", label="DiT", transformer_class="DiTTransformer2DModel",
     pipeline_classes=("DiTPipeline", "DiTEMAGPipeline"),
     pipeline="emag.pipelines.dit:DiTEMAGPipeline", backbone="emag.families.dit:DiTBackbone",
-    blocks_attr="transformer_blocks", attention_attr="attn1", token_layout="image_only",
+    block_lists=(BlockList("blocks", "transformer_blocks", "attn1", "image_only"),),
     scale_queries_first=True,  # the reference scales Q before Q K^T
     prediction="epsilon", conditioning="class", normal_order=("cond", "uncond"), reference_blocks=28,
     emag_protocol="normal-pass",  # the EMAG reference's DiT sampler (docs/method.md)
@@ -77,6 +77,16 @@ class DiTBackbone:
     def __init__(self, transformer: nn.Module, scheduler: Any) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
+
+    @property
+    def channels(self) -> int:
+        """The latent channels the sampler's prediction has (the guided ones)."""
+        return self.transformer.config.in_channels
+
+    def token_grid(self, x: Tensor) -> tuple[int, int]:
+        """The image-token grid of latents ``x`` ``[B, C, H, W]``: ``(H/p, W/p)``."""
+        p = self.transformer.config.patch_size
+        return (x.shape[-2] // p, x.shape[-1] // p)
 
     @property
     def num_blocks(self) -> int:

@@ -19,13 +19,13 @@ from torch import Tensor, nn
 from ..plumbing.conditions import TextCondition
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
-from .base import AttentionGeometry, ModelFamily, every_block, middle
+from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
 
 SD3 = ModelFamily(
     name="sd3", label="SD3", transformer_class="SD3Transformer2DModel",
     pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3EMAGPipeline"),
     pipeline="emag.pipelines.sd3:StableDiffusion3EMAGPipeline", backbone="emag.families.sd3:SD3Backbone",
-    blocks_attr="transformer_blocks", attention_attr="attn", token_layout="image_first_joint",
+    block_lists=(BlockList("blocks", "transformer_blocks", "attn", "image_first_joint"),),
     scale_queries_first=False,  # the reference scales the logits after Q K^T
     prediction="flow", conditioning="text", normal_order=("uncond", "cond"), reference_blocks=24,
     emag_protocol="perturbed-pass",  # the EMAG reference's SD3 pipeline (docs/method.md)
@@ -63,6 +63,16 @@ class SD3Backbone:
         self.joint_attention_kwargs = joint_attention_kwargs
         if joint_attention_kwargs and "ip_adapter_image_embeds" in joint_attention_kwargs:
             raise NotImplementedError("Block-level execution does not support IP-Adapter.")
+
+    @property
+    def channels(self) -> int:
+        """The latent channels the sampler's prediction has (the guided ones)."""
+        return self.transformer.config.in_channels
+
+    def token_grid(self, x: Tensor) -> tuple[int, int]:
+        """The image-token grid of latents ``x`` ``[B, C, H, W]``: ``(H/p, W/p)``."""
+        p = self.transformer.config.patch_size
+        return (x.shape[-2] // p, x.shape[-1] // p)
 
     @property
     def num_blocks(self) -> int:

@@ -94,6 +94,11 @@ class Setup:
     dtype: Any = None
     uses_uncond: bool = True
     fast: bool = True  # exact savings (suffix execution, skipped identical passes) allowed
+    block_counts: tuple[int, ...] | None = None  # blocks per block list (None: one list of num_blocks)
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return self.block_counts or (self.num_blocks,)
 
 
 class TermRuntime:

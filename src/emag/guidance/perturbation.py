@@ -13,33 +13,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..layers import check_layers_in_range, format_layers, parse_layers
+from ..layers import format_layers, parse_layers
 from ..plumbing.edits import AttentionEdit, BlockEdit
 from ..windows import StepContext
 from .base import Branch, Setup, TermRuntime, check_scale
 
 
 def resolve_layers(layers: Any, setup: Setup, method: str, what: str) -> tuple[int, ...]:
-    """Parse ``layers`` or take the model family's default for ``method`` (a tuple, or a band of the
-    block count)."""
+    """The block positions of ``layers`` (parsed), or the model family's default for ``method`` (a fixed
+    selection, or a band of the block count), checked against the model."""
     if layers is None:
-        d = setup.family.default_layers(method)
-        if d is None:
-            raise ValueError(f"{what} has no default layers for {setup.family.label}; pass `layers=`.")
-        if callable(d):  # a band relative to the depth: kept inside the model on shallow ones
-            layers = tuple(i for i in parse_layers(d(setup.num_blocks)) if 0 <= i < setup.num_blocks)
-            if not layers:
-                raise ValueError(f"{what}'s default band has no block in this {setup.num_blocks}-block model; "
-                                 "pass `layers=`.")
-        else:
-            fixed = parse_layers(d)
-            if any(not 0 <= i < setup.num_blocks for i in fixed):
-                raise ValueError(f"{what}'s default layers {list(fixed)} (the full-size {setup.family.label} "
-                                 f"model's) do not exist in this {setup.num_blocks}-block model; pass `layers=`.")
-            layers = fixed
-    parsed = parse_layers(layers)
-    check_layers_in_range(parsed, setup.num_blocks, setup.family.transformer_class)
-    return parsed
+        return setup.family.default_layer_positions(method, setup.counts, what)
+    return setup.family.resolve_layers(parse_layers(layers), setup.counts)
 
 
 class PerturbationRuntime(TermRuntime):

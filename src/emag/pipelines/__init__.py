@@ -4,7 +4,8 @@ from .._compat import quiet_transformers_import
 
 with quiet_transformers_import():
     from .dit import DiTEMAGPipeline
+    from .flux import FluxEMAGPipeline
     from .guide import guide
     from .sd3 import StableDiffusion3EMAGPipeline
 
-__all__ = ["DiTEMAGPipeline", "StableDiffusion3EMAGPipeline", "guide"]
+__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "guide"]

@@ -44,7 +44,8 @@ class GuidedPipeline:
         tr = self.transformer
         return Setup(family=self.family, num_blocks=self.family.num_blocks(tr), num_steps=num_steps,
                      batch_size=batch_size, device=device, dtype=tr.dtype,
-                     uses_uncond=uses_uncond(terms, self.family, guidance_scale), fast=fast)
+                     uses_uncond=uses_uncond(terms, self.family, guidance_scale), fast=fast,
+                     block_counts=self.family.block_counts(tr))
 
     def _guided_runtimes(self, terms: Sequence[GuidanceConfig], setup: Setup,
                          contexts: Sequence[StepContext]) -> list[TermRuntime]:
@@ -67,7 +68,7 @@ class GuidedPipeline:
                 backbones[name] = family.backbone_of(model, **backbone_options)
         att = set().union(*[r.attention_layers() for r in runtimes]) if runtimes else set()
         blk = set().union(*[r.block_layers() for r in runtimes]) if runtimes else set()
-        channels = tr.config.in_channels  # the noise (velocity) channels; DiT predicts a variance after them
+        channels = backbones["main"].channels  # the noise (velocity) channels; DiT predicts a variance after them
         engine = GuidanceEngine(runtimes, backbones, conditions, EditScope(tr, family, att, blk), channels,
                                 guided_channels_of(terms, family, channels), batching, setup.uses_uncond,
                                 combine_space=combine_space, observer=observer)

@@ -31,8 +31,8 @@ class AttentionInfo:
     """What an attention edit may need to know about the intercepted call."""
 
     layer: int
-    num_image_tokens: int
-    grid: tuple[int, int] | None  # (H/p, W/p) image-token grid, row-major
+    num_image_tokens: int  # the image tokens lead the sequence an edit sees (text-first calls are rotated)
+    grid: tuple[int, ...] | None  # (H/p, W/p) image-token grid, row-major; (frames, H/p, W/p) for video
     family: ModelFamily
     scale: float
 
@@ -133,7 +133,7 @@ class RowGroup:
 @dataclass
 class ForwardPlan:
     groups: list[RowGroup]
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
 
     @property
     def attention_layers(self) -> set[int]:
@@ -180,7 +180,10 @@ class EditScope:
         self.transformer = transformer
         self.family = family
         blocks = family.blocks(transformer)
+        counts = family.block_counts(transformer)
         self.attention_modules = {l: family.attention_module(transformer, l) for l in sorted(attention_layers)}
+        self.layouts = {l: family.token_layout(l, counts) for l in self.attention_modules}
+        self.addresses = {l: family.address(l, counts) for l in sorted(set(attention_layers) | set(block_layers))}
         self.block_modules = {l: blocks[l] for l in sorted(block_layers)}
         self.plan: ForwardPlan | None = None
         self._att_calls: dict[int, int] = {}
@@ -219,10 +222,10 @@ class EditScope:
             for layer in sorted(layers):
                 if calls[layer] != 1:
                     raise RuntimeError(
-                        f"A guidance edit on block {layer} expected exactly one {kind} call in this forward pass "
-                        f"but saw {calls[layer]}. The edits intercept torch's scaled_dot_product_attention inside "
-                        f"`{self.family.blocks_attr}[{layer}].{self.family.attention_attr}` and the block's forward; "
-                        "a non-native attention backend, a custom processor or an adapter can bypass or repeat them."
+                        f"A guidance edit on block {self.addresses[layer]} expected exactly one {kind} call in this "
+                        f"forward pass but saw {calls[layer]}. The edits intercept torch's scaled_dot_product_attention "
+                        f"inside `{self.family.attention_path(self.transformer, layer)}` and the block's forward; a "
+                        "non-native attention backend, a custom processor or an adapter can bypass or repeat them."
                     )
 
     # -- attention ---------------------------------------------------------------------------------
@@ -238,8 +241,43 @@ class EditScope:
         a = bind_sdpa(args, kwargs)
         if a["dropout_p"] or a["is_causal"]:
             raise RuntimeError("Guidance edits do not support attention dropout or causal masks.")
+        layout = self.layouts[call.layer]
+        if layout == "text_first_joint":
+            return self._text_first(call, sdpa, a, args, kwargs, edited, plan)
+        n_img = a["query"].shape[2] if layout == "image_only" else call.num_image_tokens
+        return self._edited_call(call, sdpa, a, args, kwargs, edited, plan, n_img)
+
+    def _text_first(self, call: AttentionCall, sdpa, a: dict, args: tuple, kwargs: dict, edited, plan) -> Tensor:
+        """A ``[text ; image]`` sequence (Flux): the edits see it rotated to ``[image ; text]`` (the layout
+        they are written for; attention is equivariant to a permutation of its tokens applied to queries,
+        keys and values alike), and their groups' outputs are rotated back. The image tokens are the last
+        ``prod(grid)`` of the sequence; rows the edits leave alone keep the model's own call, bit for bit."""
+        q = a["query"]
+        n = q.shape[2]
+        n_img = math.prod(plan.grid) if plan.grid else 0
+        if not 0 < n_img <= n:
+            raise RuntimeError(f"Block {self.addresses[call.layer]}: an attention sequence of {n} tokens cannot hold "
+                               f"the {n_img} image tokens of the grid {plan.grid}.")
+        t = n - n_img
+        perm = torch.cat([torch.arange(t, n), torch.arange(t)]).to(q.device)
+        back = torch.argsort(perm)
+        mask = a["attn_mask"]
+        if isinstance(mask, Tensor):
+            mask = mask.index_select(-1, perm) if mask.shape[-1] == n else mask
+            mask = mask.index_select(-2, perm) if mask.dim() >= 2 and mask.shape[-2] == n else mask
+        rotated = dict(a, query=q.index_select(2, perm), key=a["key"].index_select(2, perm),
+                       value=a["value"].index_select(2, perm), attn_mask=mask)
+        res = self._edited_call(call, sdpa, rotated, (), rotated, edited, plan, n_img)
+        out = sdpa(*args, **kwargs)
+        for g, edits in edited:
+            if any(e.modifies_output for e in edits):
+                out[g.rows] = res[g.rows].index_select(2, back)
+        return out
+
+    def _edited_call(self, call: AttentionCall, sdpa, a: dict, args: tuple, kwargs: dict, edited, plan,
+                     n_img: int) -> Tensor:
+        """The attention output of an intercepted call whose sequence leads with ``n_img`` image tokens."""
         q, k, v = a["query"], a["key"], a["value"]
-        n_img = q.shape[2] if self.family.token_layout == "image_only" else call.num_image_tokens
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         info = AttentionInfo(call.layer, n_img, plan.grid, self.family, scale)
         for g, edits in edited:

@@ -100,7 +100,7 @@ class EMAGRuntime(TermRuntime):
     name = "emag"
 
     def __init__(self, config: Any, setup: Setup) -> None:
-        cfg = resolve(config, setup.family, setup.num_blocks)
+        cfg = resolve(config, setup.family, setup.counts)
         super().__init__(config, cfg.ema_window)
         self.cfg = cfg
         self.setup = setup

@@ -13,7 +13,7 @@ import torch
 
 from ...dtypes import dtype_name
 from ...families import ModelFamily, family_named
-from ...layers import check_layers_in_range, format_layers
+from ...layers import format_layers
 from ...windows import StepWindow
 from .protocols import protocol_of
 
@@ -61,17 +61,20 @@ class ResolvedEMAG:
         return d
 
 
-def resolve(emag: Any, family: ModelFamily | str, num_blocks: int) -> ResolvedEMAG:
+def resolve(emag: Any, family: ModelFamily | str, num_blocks: int | tuple[int, ...]) -> ResolvedEMAG:
     """Fill an :class:`~emag.EMAG` config's defaults for ``family`` (or its name) and check it against a
-    model of ``num_blocks`` blocks."""
+    model of ``num_blocks`` blocks (or that many per block list); ``layers`` become block positions."""
     family = family_named(family)
     d = family.defaults.get("emag")
     if d is None:
         raise ValueError(f"EMAG has no reference settings for {family.label} models.")
     protocol = protocol_of(family)
-    layers = emag.layers if emag.layers is not None else d["layers"]
-    check_layers_in_range(layers, num_blocks, family.transformer_class)
-    if family.token_layout == "image_only" and emag.rows != "image_rows":
+    counts = (num_blocks,) if isinstance(num_blocks, int) else tuple(num_blocks)
+    if emag.layers is not None:
+        layers = family.resolve_layers(emag.layers, counts)
+    else:
+        layers = family.default_layer_positions("emag", counts, "EMAG")
+    if not family.has_text_tokens and emag.rows != "image_rows":
         raise ValueError(f"{family.label} has no text tokens: EMAG `rows` must be 'image_rows' on {family.label}.")
     if emag.selection in ("entropy", "entropy_adaptive") and not protocol.entropy_selection:
         raise ValueError(f"Entropy-based selection modes are defined for DiT only (as in the reference), not "
