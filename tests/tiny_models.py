@@ -17,6 +17,8 @@ from diffusers import (
     FlowMatchEulerDiscreteScheduler,
     FluxPipeline,
     FluxTransformer2DModel,
+    PixArtSigmaPipeline,
+    PixArtTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
@@ -243,3 +245,33 @@ def flux_latents(batch: int = 1, seed: int = 2, size: int = 8) -> torch.Tensor:
     """Packed ``[B, (size/2)^2, 16]`` latents of a ``size x size`` 4-channel latent (a 4 size px image)."""
     x = sd3_latents(batch, seed, size, 4)
     return x.view(batch, 4, size // 2, 2, size // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, (size // 2) ** 2, 16)
+
+
+def tiny_pixart_transformer(num_layers: int = 6, seed: int = 0, sample_size: int = 8) -> PixArtTransformer2DModel:
+    """PixArt-Σ-shaped: self-attention ``attn1``, cross-attention ``attn2`` to 16-wide captions, learned
+    variance (8 output channels), adaLN-single."""
+    torch.manual_seed(seed)
+    model = PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=num_layers,
+        cross_attention_dim=16, caption_channels=16, sample_size=sample_size, patch_size=2,
+    )
+    return randomize_(model, seed, gain=1.0).eval()
+
+
+def tiny_pixart_pipeline(seed: int = 0, cls=PixArtSigmaPipeline, num_layers: int = 6):
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = cls(transformer=tiny_pixart_transformer(num_layers, seed), scheduler=DPMSolverMultistepScheduler(),
+               vae=tiny_vae(4, seed, sd3=False), text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def pixart_embeds(batch: int = 1, seed: int = 1, tokens: int = 6, padded: int = 2) -> dict[str, torch.Tensor]:
+    """Caption embeddings with masks whose last ``padded`` tokens are padding."""
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, tokens, dtype=torch.long)
+    mask[:, tokens - padded:] = 0
+    return dict(prompt_embeds=torch.randn(batch, tokens, 16, generator=g), prompt_attention_mask=mask,
+                negative_prompt_embeds=torch.randn(batch, tokens, 16, generator=g),
+                negative_prompt_attention_mask=mask.clone())

@@ -47,6 +47,7 @@ _LAZY = {
     "StableDiffusion3EMAGPipeline": ".pipelines",
     "DiTEMAGPipeline": ".pipelines",
     "FluxEMAGPipeline": ".pipelines",
+    "PixArtSigmaEMAGPipeline": ".pipelines",
     "guide": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
 }
@@ -69,6 +70,7 @@ __all__ = [
     "dit_reference_scheduler",
     "DiTEMAGPipeline",
     "FluxEMAGPipeline",
+    "PixArtSigmaEMAGPipeline",
     "EMAG",
     "ERG",
     "FAMILIES",

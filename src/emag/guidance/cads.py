@@ -173,8 +173,10 @@ class CADSRuntime(TermRuntime):
             return cads_anneal(y, gamma, noise.to(y.device), cfg.noise_scale, cfg.psi, cfg.rescale)
 
         if isinstance(cond, TextCondition):
-            n_seq, n_pool = noise or (self._randn(cond.embeds.shape), self._randn(cond.pooled.shape))
-            return TextCondition(anneal(cond.embeds, n_seq), anneal(cond.pooled, n_pool)), (n_seq, n_pool)
+            pooled = cond.pooled
+            n_seq, n_pool = noise or (self._randn(cond.embeds.shape), None if pooled is None else self._randn(pooled.shape))
+            return TextCondition(anneal(cond.embeds, n_seq), None if pooled is None else anneal(pooled, n_pool),
+                                 cond.mask), (n_seq, n_pool)
         if isinstance(cond, ClassCondition):
             return ClassCondition(cond.labels, _NoisedEmbedding(self._step_seed(), anneal, cond.embedding)), None
         raise TypeError(f"CADS cannot noise a condition of type {type(cond).__name__}.")

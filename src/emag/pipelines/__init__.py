@@ -6,6 +6,7 @@ with quiet_transformers_import():
     from .dit import DiTEMAGPipeline
     from .flux import FluxEMAGPipeline
     from .guide import guide
+    from .pixart import PixArtSigmaEMAGPipeline
     from .sd3 import StableDiffusion3EMAGPipeline
 
-__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "guide"]
+__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "PixArtSigmaEMAGPipeline", "guide"]

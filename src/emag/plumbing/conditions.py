@@ -10,10 +10,13 @@ from torch import Tensor
 
 @dataclass
 class TextCondition:
-    """Text conditioning of one branch: sequence and pooled text embeddings, ``[B, T, D]`` and ``[B, P]``."""
+    """Text conditioning of one branch: sequence and pooled text embeddings, ``[B, T, D]`` and ``[B, P]``
+    (None where the model takes none: PixArt, Sana), and the text tokens' attention mask ``[B, T]`` (1 =
+    a token, 0 = padding) where the model's cross-attention uses one."""
 
     embeds: Tensor
-    pooled: Tensor
+    pooled: Tensor | None = None
+    mask: Tensor | None = None
 
 
 @dataclass
