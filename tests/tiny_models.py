@@ -275,3 +275,42 @@ def pixart_embeds(batch: int = 1, seed: int = 1, tokens: int = 6, padded: int = 
     return dict(prompt_embeds=torch.randn(batch, tokens, 16, generator=g), prompt_attention_mask=mask,
                 negative_prompt_embeds=torch.randn(batch, tokens, 16, generator=g),
                 negative_prompt_attention_mask=mask.clone())
+
+
+def tiny_sana_transformer(num_layers: int = 6, seed: int = 0, sample_size: int = 8, qk_norm: str | None = None):
+    """Sana-shaped: linear self-attention ``attn1`` (ReLU kernels), softmax cross-attention ``attn2`` to
+    16-wide captions, patch size 1, a convolutional feed-forward."""
+    from diffusers import SanaTransformer2DModel
+
+    torch.manual_seed(seed)
+    model = SanaTransformer2DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=num_layers,
+        num_cross_attention_heads=2, cross_attention_head_dim=8, cross_attention_dim=16, caption_channels=16,
+        mlp_ratio=2.5, sample_size=sample_size, patch_size=1, qk_norm=qk_norm,
+    )
+    return randomize_(model, seed, gain=1.0).eval()
+
+
+def tiny_dc_vae(seed: int = 0):
+    """A tiny DC-AE (Sana's autoencoder): 4 latent channels, x2 spatial compression."""
+    from diffusers import AutoencoderDC
+
+    torch.manual_seed(seed)
+    return AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=8, encoder_block_types=("ResBlock", "ResBlock"),
+        decoder_block_types=("ResBlock", "ResBlock"), encoder_block_out_channels=(8, 8),
+        decoder_block_out_channels=(8, 8), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
+        encoder_qkv_multiscales=((), ()), decoder_qkv_multiscales=((), ()), upsample_block_type="interpolate",
+        downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.41407,
+    ).eval()
+
+
+def tiny_sana_pipeline(seed: int = 0, cls=None, num_layers: int = 6, qk_norm: str | None = None):
+    from diffusers import DPMSolverMultistepScheduler, SanaPipeline
+
+    cls = cls or SanaPipeline
+    scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = cls(transformer=tiny_sana_transformer(num_layers, seed, qk_norm=qk_norm), scheduler=scheduler,
+               vae=tiny_dc_vae(seed), text_encoder=None, tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

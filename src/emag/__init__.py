@@ -48,6 +48,7 @@ _LAZY = {
     "DiTEMAGPipeline": ".pipelines",
     "FluxEMAGPipeline": ".pipelines",
     "PixArtSigmaEMAGPipeline": ".pipelines",
+    "SanaEMAGPipeline": ".pipelines",
     "guide": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
 }
@@ -71,6 +72,7 @@ __all__ = [
     "DiTEMAGPipeline",
     "FluxEMAGPipeline",
     "PixArtSigmaEMAGPipeline",
+    "SanaEMAGPipeline",
     "EMAG",
     "ERG",
     "FAMILIES",

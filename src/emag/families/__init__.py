@@ -16,9 +16,10 @@ from .base import LayerDefault, ModelFamily, every_block, middle
 from .dit import DIT
 from .flux import FLUX
 from .pixart import PIXART
+from .sana import SANA
 from .sd3 import SD3
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD3, DIT, FLUX, PIXART)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD3, DIT, FLUX, PIXART, SANA)}
 
 
 def hub_models() -> dict[str, bool]:
@@ -59,5 +60,5 @@ def family_of_pipeline(class_name: str) -> ModelFamily | None:
     return next((f for f in FAMILIES.values() if class_name in f.pipeline_classes), None)
 
 
-__all__ = ["DIT", "FAMILIES", "FLUX", "LayerDefault", "ModelFamily", "PIXART", "SD3", "every_block", "family_named", "family_of",
+__all__ = ["DIT", "FAMILIES", "FLUX", "LayerDefault", "ModelFamily", "PIXART", "SANA", "SD3", "every_block", "family_named", "family_of",
            "family_of_pipeline", "family_of_transformer_config", "hub_models", "middle", "supported"]

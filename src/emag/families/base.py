@@ -57,10 +57,15 @@ class BlockList:
     attention_attr: str
     token_layout: str
     count_key: str = "num_layers"  # the transformer config's entry giving the list's length
+    # "softmax": the module calls torch's fused attention (edits intercept it); "linear": a kernelised
+    # linear attention with no attention map (Sana): only edits of the queries are defined
+    attention: str = "softmax"
 
     def __post_init__(self) -> None:
         if self.token_layout not in TOKEN_LAYOUTS:
             raise ValueError(f"{self.name}: unknown token layout {self.token_layout!r}")
+        if self.attention not in ("softmax", "linear"):
+            raise ValueError(f"{self.name}: unknown attention kind {self.attention!r}")
 
 
 
@@ -114,7 +119,7 @@ class ModelFamily:
     hub_models: Mapping[str, bool] = field(default_factory=dict)
     samplers: tuple[str, ...] = ()  # reference samplers a run may ask for besides the model's own scheduler
     legacy_transformer: Callable[[dict], bool] | None = None  # an old config class name diffusers remaps
-    # methods not defined on this family, with the reason (e.g. Sana's linear attention has no softmax map)
+    # methods not defined on this family (by config class, lower case), with the reason (Sana: no softmax map)
     undefined_methods: Mapping[str, str] = field(default_factory=dict)
     # the pipeline's ``guidance_scale`` is an embedded (distilled) guidance, not CFG (Flux.1-dev)
     distilled_guidance: bool = False
@@ -212,6 +217,14 @@ class ModelFamily:
 
     def token_layout(self, layer: int, counts: tuple[int, ...]) -> str:
         return self.locate(layer, counts)[0].token_layout
+
+    def attention_kind(self, layer: int, counts: tuple[int, ...]) -> str:
+        return self.locate(layer, counts)[0].attention
+
+    @property
+    def linear_attention(self) -> bool:
+        """Whether some block list's attention is linear (no softmax attention map exists there)."""
+        return any(b.attention == "linear" for b in self.block_lists)
 
     @property
     def has_text_tokens(self) -> bool:

@@ -142,6 +142,10 @@ class TermRuntime:
     def attention_layers(self) -> set[int]:
         return set()
 
+    # True when the term's attention edits only rewrite or observe queries (EMAG-Q, SEG): defined on linear
+    # attention too, which has no attention map to read or replace
+    queries_only: bool = False
+
     def capture_blocks(self, ctx: StepContext) -> set[int]:
         """Blocks whose entering hidden states this term's suffix branches resume from this step."""
         return set()

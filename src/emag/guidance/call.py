@@ -121,8 +121,13 @@ def make_runtimes(terms: Sequence[GuidanceConfig], setup: Setup, contexts: Seque
     twice (:func:`check_distinct`); with the call's step ``contexts``, a term whose window selects no step
     of the schedule is an error (it would silently never act); with the pipeline's ``transformer``, a
     separate model (autoguidance's weak one) must take the same inputs."""
+    for t in terms:
+        why = setup.family.undefined_methods.get(type(t).__name__.lower())
+        if why:
+            raise ValueError(f"{type(t).__name__} is not defined on {setup.family.label}: {why}")
     runtimes = [t.runtime(setup) for t in terms]
     check_distinct(runtimes)
+    check_defined(runtimes, setup)
     if transformer is not None:
         check_extra_models(runtimes, transformer)
     for r in runtimes if contexts else []:
@@ -136,6 +141,22 @@ def make_runtimes(terms: Sequence[GuidanceConfig], setup: Setup, contexts: Seque
                              f"{len(contexts)}-step schedule: the term would never act. Widen the window or "
                              "drop the term.")
     return runtimes
+
+
+def check_defined(runtimes: Sequence[TermRuntime], setup: Setup) -> None:
+    """An attention edit that needs the softmax attention map on a block whose attention is linear is an
+    error before any pass (terms the family does not define at all are refused before their runtimes)."""
+    family = setup.family
+    for r in runtimes:
+        linear = sorted(l for l in r.attention_layers() if family.attention_kind(l, setup.counts) == "linear")
+        if linear and not r.queries_only:
+            where = ", ".join(family.address(l, setup.counts) for l in linear)
+            variant = getattr(r.config, "variant", None) or getattr(r.config, "mode", None)
+            what = type(r.config).__name__ + (f" ({variant!r})" if variant else "")
+            raise ValueError(f"{what} reads or replaces the softmax attention map, which block(s) "
+                             f"{where} of {family.label} do not have: their self-attention is linear (no attention "
+                             "map exists). Defined there: edits of the queries (EMAG(variant='q'), SEG) and whole-"
+                             "block methods (SLG, STG residual, S2, TPG).")
 
 
 def check_distinct(runtimes: Sequence[TermRuntime]) -> None:

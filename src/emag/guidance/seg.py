@@ -165,6 +165,7 @@ class SEG(GuidanceConfig):
 
 
 class SEGRuntime(PerturbationRuntime):
+    queries_only = True  # a blur of the image queries
     def attention_layers(self) -> set[int]:
         return set(self.layers)
 

@@ -7,6 +7,7 @@ with quiet_transformers_import():
     from .flux import FluxEMAGPipeline
     from .guide import guide
     from .pixart import PixArtSigmaEMAGPipeline
+    from .sana import SanaEMAGPipeline
     from .sd3 import StableDiffusion3EMAGPipeline
 
-__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "PixArtSigmaEMAGPipeline", "guide"]
+__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "PixArtSigmaEMAGPipeline", "SanaEMAGPipeline", "guide"]

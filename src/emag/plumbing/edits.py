@@ -183,6 +183,7 @@ class EditScope:
         counts = family.block_counts(transformer)
         self.attention_modules = {l: family.attention_module(transformer, l) for l in sorted(attention_layers)}
         self.layouts = {l: family.token_layout(l, counts) for l in self.attention_modules}
+        self.kinds = {l: family.attention_kind(l, counts) for l in self.attention_modules}
         self.addresses = {l: family.address(l, counts) for l in sorted(set(attention_layers) | set(block_layers))}
         self.block_modules = {l: blocks[l] for l in sorted(block_layers)}
         self.plan: ForwardPlan | None = None
@@ -197,7 +198,13 @@ class EditScope:
             for layer, module in self.block_modules.items():
                 hooks.pre(module, self._block_pre(layer), with_kwargs=True)
                 hooks.post(module, self._block_post(layer), with_kwargs=True)
-            with route_attention(self.attention_modules, self._attention):
+            for layer, module in self.attention_modules.items():
+                if self.kinds[layer] == "linear":  # edits of its queries: at the query projection's output
+                    norm_q = getattr(module, "norm_q", None)
+                    query_module = norm_q if norm_q is not None else module.to_q
+                    hooks.post(query_module, self._linear_queries(layer, module.heads))
+            fused = {l: m for l, m in self.attention_modules.items() if self.kinds[l] == "softmax"}
+            with route_attention(fused, self._attention):
                 yield self
         finally:
             hooks.remove()
@@ -389,6 +396,42 @@ class EditScope:
         for e in users:
             e.end_heads(info, rows)
         return out
+
+    def _linear_queries(self, layer: int, heads: int):
+        """A linear attention's queries ``[B, N, H*d]`` (after any QK-norm, before its kernel) through the
+        groups' query edits, seen as ``[b, H, N, d]`` like a fused call's; nothing else is defined there."""
+
+        def hook(module, args, output):
+            self._att_calls[layer] = self._att_calls.get(layer, 0) + 1
+            plan = self.plan
+            edited = [] if plan is None else [(g, g.attention.get(layer, [])) for g in plan.groups]
+            edited = [(g, e) for g, e in edited if e]
+            if not edited:
+                return None
+            bad = [type(e).__name__ for _, edits in edited for e in edits if e.needs_probs or e.uses_mask or e.edits_output]
+            if bad:
+                raise RuntimeError(f"{', '.join(bad)} on block {self.addresses[layer]}: linear attention has no attention "
+                                   "map to read, mask or replace (only query edits are defined there).")
+            b, n, c = output.shape
+            q = output.view(b, n, heads, c // heads).transpose(1, 2)
+            info = AttentionInfo(layer, n, plan.grid, self.family, 1.0)
+            modifying = any(e.modifies_output for _, edits in edited for e in edits)
+            q_new = q.clone() if modifying else q
+            seen = []
+            for g, edits in edited:
+                qg, rows = q[g.rows], (g.start, g.stop)
+                for e in edits:
+                    e.prepare(qg, None, info, rows)
+                    qg = e.query(qg, None, None, info, rows)
+                    if e not in seen:
+                        seen.append(e)
+                if modifying:
+                    q_new[g.rows] = qg
+            for e in seen:
+                e.finish(info)
+            return q_new.transpose(1, 2).reshape(b, n, c) if modifying else None
+
+        return hook
 
     # -- blocks ------------------------------------------------------------------------------------
     def _groups_for_block(self, layer: int):

@@ -155,6 +155,10 @@ class EMAGRuntime(TermRuntime):
     def attention_layers(self) -> set[int]:
         return set(self.cfg.layers)
 
+    @property
+    def queries_only(self) -> bool:
+        return self.cfg.variant == "q"
+
     def branch_key(self) -> str:
         return "emag"
 
