@@ -12,16 +12,17 @@ from emag.guidance.base import Setup
 from emag.guidance.perturbation import resolve_layers
 from emag.guidance.registry import METHODS
 from tiny_models import (tiny_dit_transformer, tiny_flux_transformer, tiny_pixart_transformer, tiny_sana_transformer,
-                         tiny_sd3_transformer)
+                         tiny_sd3_transformer, tiny_wan_transformer)
 
 TINY = {"sd3": lambda: tiny_sd3_transformer(num_layers=6), "dit": lambda: tiny_dit_transformer(num_layers=6),
         "flux": lambda: tiny_flux_transformer(num_layers=2, num_single_layers=4),
-        "pixart": lambda: tiny_pixart_transformer(num_layers=6), "sana": lambda: tiny_sana_transformer(num_layers=6)}
+        "pixart": lambda: tiny_pixart_transformer(num_layers=6), "sana": lambda: tiny_sana_transformer(num_layers=6),
+        "wan": lambda: tiny_wan_transformer(num_layers=6)}
 BACKBONE_OPTIONS = {"dit": {"scheduler": None}, "flux": {"guidance": 3.5}}
 SRC = Path(emag.__file__).parent
 # the modules that are a family's by nature: its registry module, its pipeline, the bundled DiT, and the
 # EMAG presets (the published settings of each family's reference models)
-OWNERS = ("families/", "pipelines/sd3.py", "pipelines/dit.py", "pipelines/flux.py", "pipelines/pixart.py", "pipelines/sana.py", "digits/", "guidance/emag/config.py")
+OWNERS = ("families/", "pipelines/sd3.py", "pipelines/dit.py", "pipelines/flux.py", "pipelines/pixart.py", "pipelines/sana.py", "pipelines/wan.py", "digits/", "guidance/emag/config.py")
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -77,7 +78,7 @@ def test_no_other_module_names_a_family():
     """Family names, their records and their transformer classes appear in code only in the modules that
     are the family's (above); everything else asks the registry (prose in docstrings and messages aside)."""
     names = {f.name for f in FAMILIES.values()} | {f.transformer_class for f in FAMILIES.values()}
-    records = {"SD3", "DIT", "FLUX", "PIXART", "SANA"}
+    records = {"SD3", "DIT", "FLUX", "PIXART", "SANA", "WAN"}
     offenders = []
     for path in SRC.rglob("*.py"):
         rel = path.relative_to(SRC).as_posix()

@@ -314,3 +314,32 @@ def tiny_sana_pipeline(seed: int = 0, cls=None, num_layers: int = 6, qk_norm: st
                vae=tiny_dc_vae(seed), text_encoder=None, tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_wan_transformer(num_layers: int = 6, seed: int = 0):
+    """Wan-2.1-shaped: 3-D patches (1, 2, 2), 3-D RoPE, RMS QK-norm across heads, self-attention ``attn1``,
+    cross-attention ``attn2`` to 16-wide text embeddings."""
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    model = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=num_layers, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32,
+    )
+    return randomize_(model, seed, gain=1.0).eval()
+
+
+def tiny_wan_pipeline(seed: int = 0, cls=None, num_layers: int = 6):
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline
+
+    cls = cls or WanPipeline
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1, attn_scales=[],
+                           temperal_downsample=[False, True, True], latents_mean=[0.0] * 4,
+                           latents_std=[1.0] * 4).eval()  # x8 spatial, x4 temporal, as Wan's
+    scheduler = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    pipe = cls(transformer=tiny_wan_transformer(num_layers, seed), scheduler=scheduler, vae=vae, text_encoder=None,
+               tokenizer=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

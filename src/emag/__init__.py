@@ -49,6 +49,7 @@ _LAZY = {
     "FluxEMAGPipeline": ".pipelines",
     "PixArtSigmaEMAGPipeline": ".pipelines",
     "SanaEMAGPipeline": ".pipelines",
+    "WanEMAGPipeline": ".pipelines",
     "guide": ".pipelines",
     "dit_reference_scheduler": ".schedulers",
 }
@@ -73,6 +74,7 @@ __all__ = [
     "FluxEMAGPipeline",
     "PixArtSigmaEMAGPipeline",
     "SanaEMAGPipeline",
+    "WanEMAGPipeline",
     "EMAG",
     "ERG",
     "FAMILIES",

@@ -18,8 +18,9 @@ from .flux import FLUX
 from .pixart import PIXART
 from .sana import SANA
 from .sd3 import SD3
+from .wan import WAN
 
-FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD3, DIT, FLUX, PIXART, SANA)}
+FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (SD3, DIT, FLUX, PIXART, SANA, WAN)}
 
 
 def hub_models() -> dict[str, bool]:
@@ -60,5 +61,6 @@ def family_of_pipeline(class_name: str) -> ModelFamily | None:
     return next((f for f in FAMILIES.values() if class_name in f.pipeline_classes), None)
 
 
-__all__ = ["DIT", "FAMILIES", "FLUX", "LayerDefault", "ModelFamily", "PIXART", "SANA", "SD3", "every_block", "family_named", "family_of",
-           "family_of_pipeline", "family_of_transformer_config", "hub_models", "middle", "supported"]
+__all__ = ["DIT", "FAMILIES", "FLUX", "LayerDefault", "ModelFamily", "PIXART", "SANA", "SD3", "WAN", "every_block",
+           "family_named", "family_of", "family_of_pipeline", "family_of_transformer_config", "hub_models", "middle",
+           "supported"]

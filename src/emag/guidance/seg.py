@@ -93,22 +93,24 @@ def is_infinite_blur(sigma: float) -> bool:
     return sigma > INF_BLUR_THRESHOLD
 
 
-def blur_image_queries(q: Tensor, num_image_tokens: int, grid: tuple[int, int], sigma: float) -> Tensor:
+def blur_image_queries(q: Tensor, num_image_tokens: int, grid: tuple[int, ...], sigma: float) -> Tensor:
     """Blur the image queries of ``q`` ``[B, heads, N, d]`` (image tokens FIRST, row-major on ``grid``)
     per head channel over the ``(H/p, W/p)`` token grid; the text queries that follow are returned as
-    they are. Infinite ``sigma``: every image query becomes the spatial mean of the image queries."""
+    they are. Infinite ``sigma``: every image query becomes the spatial mean of the image queries. A video
+    grid ``(frames, H/p, W/p)`` is blurred frame by frame (each frame's own spatial mean when infinite)."""
     n = num_image_tokens
-    gh, gw = grid
-    if gh * gw != n:
-        raise RuntimeError(f"SEG: the token grid {gh}x{gw} does not match the {n} image tokens of this attention.")
+    frames, (gh, gw) = (grid[0], grid[1:]) if len(grid) == 3 else (1, grid)
+    if frames * gh * gw != n:
+        raise RuntimeError(f"SEG: the token grid {'x'.join(map(str, grid))} does not match the {n} image tokens of "
+                           "this attention.")
     b, heads, _, d = q.shape
-    q_img = q[:, :, :n]
+    q_img = q[:, :, :n].reshape(b, heads, frames, gh * gw, d)
     if is_infinite_blur(sigma):
-        blurred = q_img.mean(dim=2, keepdim=True).expand_as(q_img)
-    else:
-        planes = q_img.permute(0, 1, 3, 2).reshape(b, heads * d, gh, gw)  # one plane per (head, channel)
-        blurred = gaussian_blur_2d(planes, sigma).reshape(b, heads, d, n).permute(0, 1, 3, 2)
-    return torch.cat([blurred, q[:, :, n:]], dim=2)
+        blurred = q_img.mean(dim=3, keepdim=True).expand_as(q_img)
+    else:  # one plane per (frame, head, channel)
+        planes = q_img.permute(0, 2, 1, 4, 3).reshape(b * frames, heads * d, gh, gw)
+        blurred = gaussian_blur_2d(planes, sigma).reshape(b, frames, heads, d, gh * gw).permute(0, 2, 1, 4, 3)
+    return torch.cat([blurred.reshape(b, heads, n, d), q[:, :, n:]], dim=2)
 
 
 class BlurQueries(AttentionEdit):

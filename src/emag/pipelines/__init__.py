@@ -9,5 +9,6 @@ with quiet_transformers_import():
     from .pixart import PixArtSigmaEMAGPipeline
     from .sana import SanaEMAGPipeline
     from .sd3 import StableDiffusion3EMAGPipeline
+    from .wan import WanEMAGPipeline
 
-__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "PixArtSigmaEMAGPipeline", "SanaEMAGPipeline", "guide"]
+__all__ = ["DiTEMAGPipeline", "FluxEMAGPipeline", "StableDiffusion3EMAGPipeline", "PixArtSigmaEMAGPipeline", "SanaEMAGPipeline", "WanEMAGPipeline", "guide"]
