@@ -212,3 +212,25 @@ def test_save_and_load_from_disk(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     terms = [emag.EMAG(2.0, layers="double:1,single:2")]
     assert torch.equal(call(loaded, guidance=terms), call(pipe, guidance=terms))
+
+
+def test_the_command_line_generates_with_flux_and_records_named_layers(tmp_path):
+    from click.testing import CliRunner
+
+    from emag.cli import cli
+    from emag.io import read_png_params
+    from tiny_models import tiny_flux_text_pipeline
+
+    tiny_flux_text_pipeline(tmp_path / "build").save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "model"), "--prompt", "a cat", "--method",
+                                 "emag,pag", "--layers", "double:1,single:0", "--param", "pag.layers=double:2",
+                                 "--steps", "3", "--height", "32", "--width", "48", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    meta = read_png_params(out / "00000_seed0.png")
+    assert meta["family"] == "flux" and meta["preset"] == "flux-dev" and meta["guidance_scale"] == 3.5
+    assert meta["emag"]["layers"] == "double:1,single:0"
+    assert [t["method"] for t in meta["guidance"]] == ["EMAG", "PAG"]  # no true CFG added to distilled Flux
+    r = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "model"), "--prompt", "a cat", "--layers", "1",
+                                 "--steps", "3", "--height", "32", "--width", "32", "--out", str(tmp_path / "bad")])
+    assert r.exit_code != 0 and "name the list of each layer" in r.output

@@ -162,3 +162,14 @@ def test_save_and_load_from_disk(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     terms = [emag.CFG(3.0), emag.EMAG(1.5, layers="1-3", variant="q")]
     assert torch.equal(call(loaded, guidance=terms), call(pipe, guidance=terms))
+
+
+def test_the_command_line_refuses_a_video_model_clearly(tmp_path):
+    from click.testing import CliRunner
+
+    from emag.cli import cli
+
+    tiny_wan_pipeline().save_pretrained(tmp_path / "model")
+    r = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "model"), "--prompt", "a cat",
+                                 "--out", str(tmp_path / "out")])
+    assert r.exit_code != 0 and "video model" in r.output and "emag.WanEMAGPipeline" in r.output

@@ -343,3 +343,45 @@ def tiny_wan_pipeline(seed: int = 0, cls=None, num_layers: int = 6):
                tokenizer=None)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_t5(folder, seed: int = 0, d_model: int = 16):
+    """A T5 tokenizer from a sentencepiece model trained in memory on a few sentences, and a 1-layer T5
+    encoder of width ``d_model``."""
+    import io
+    import os
+
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    sentences = ["a photo of a cat", "a red apple on a table", "the quick brown fox jumps over the lazy dog"] * 20
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, vocab_size=40, pad_id=0,
+                                   eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
+                                   minloglevel=2)
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(str(folder), "spiece.model")
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    tok = T5Tokenizer(vocab_file=path, extra_ids=0, model_max_length=32)
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=64, d_model=d_model, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    return tok, T5EncoderModel(config).eval()
+
+
+def tiny_flux_text_pipeline(folder, seed: int = 0) -> FluxPipeline:
+    """A tiny Flux pipeline with real (tiny) CLIP and T5 tokenizers and encoders."""
+    import os
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tok = tiny_clip_tokenizer(os.path.join(str(folder), "_tok"))
+    torch.manual_seed(seed + 1)
+    clip = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tok), hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)).eval()
+    tok2, t5 = tiny_t5(os.path.join(str(folder), "_t5"), seed + 2)
+    return FluxPipeline(transformer=tiny_flux_transformer(seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True), vae=tiny_vae(4, seed), text_encoder=clip, tokenizer=tok,
+        text_encoder_2=t5, tokenizer_2=tok2)

@@ -109,7 +109,8 @@ class ModelFacts:
 
     @property
     def patch(self) -> int:
-        return int(self.transformer.get("patch_size", 2))
+        """Latent pixels per token side (the transformer's patch size, times the family's packing)."""
+        return int(self.transformer.get("patch_size", 2)) * self.family.packing
 
     @property
     def num_classes(self) -> int:
@@ -117,8 +118,10 @@ class ModelFacts:
         return int(self.transformer.get("num_embeds_ada_norm") or 1000)
 
     @property
-    def native_size(self) -> int:
-        return int(self.transformer.get("sample_size", 64)) * self.vae_scale_factor
+    def native_size(self) -> int | None:
+        """The model's native image side in pixels, where its config says (None: the preset's)."""
+        size = self.transformer.get("sample_size")
+        return None if size is None else int(size) * self.vae_scale_factor
 
 
 def model_facts(model: str | None, allow_download: bool = False) -> ModelFacts:
@@ -131,8 +134,14 @@ def model_facts(model: str | None, allow_download: bool = False) -> ModelFacts:
     family = model_family(folder)
     check_snapshot(folder)
     vae = read_model_index(folder).get("vae")
-    vsf = 1 if not vae or vae[0] is None else \
-        2 ** (len(read_component_config(folder, "vae").get("block_out_channels", [0, 0, 0, 0])) - 1)
+    if family.video:
+        raise ValueError(f"{name} is a {family.label} video model: `emag generate` and `emag sample` write images. Use "
+                         f"the Python API (emag.{family.pipeline.rsplit(':', 1)[1]}, docs/models.md).")
+    vsf = 1
+    if vae and vae[0] is not None:  # AutoencoderKL: block_out_channels; Sana's DC-AE: encoder_block_out_channels
+        config = read_component_config(folder, "vae")
+        blocks = config.get("block_out_channels") or config.get("encoder_block_out_channels") or [0, 0, 0, 0]
+        vsf = 2 ** (len(blocks) - 1)
     return ModelFacts(folder, name, family, read_component_config(folder, "transformer"), vsf, model is None)
 
 
@@ -268,14 +277,17 @@ def _plan_prompts(plan: GenerationPlan, m: ModelFacts, prompts, negative_prompt,
     encoder = read_model_index(m.folder).get("text_encoder")
     if not encoder or encoder[0] is None:
         raise ValueError(f"{m.name} has no text encoders saved; it cannot encode prompts.")
-    plan.height = m.native_size if height is None else height
-    plan.width = m.native_size if width is None else width
+    native = m.native_size or plan.preset.resolution
+    plan.height = native if height is None else height
+    plan.width = native if width is None else width
     mult, vsf = m.vae_scale_factor * m.patch, m.vae_scale_factor
-    max_latent = int(m.transformer.get("pos_embed_max_size") or m.transformer.get("sample_size", 64)) * m.patch
+    # absolute position embeddings bound the size; rotary ones (Flux) do not
+    max_latent = None if m.family.rope else \
+        int(m.transformer.get("pos_embed_max_size") or m.transformer.get("sample_size", 64)) * m.patch
     for name, v in (("height", plan.height), ("width", plan.width)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % mult:
             raise ValueError(f"{name}={v!r}: must be a positive multiple of {mult} (pixels) for this model.")
-        if v // vsf > max_latent:
+        if max_latent is not None and v // vsf > max_latent:
             raise ValueError(f"{name}={v}: larger than this model's positional embedding allows ({max_latent * vsf}).")
     plan.prompts, plan.negative_prompt = list(prompts), negative_prompt
     plan.sampler = _sampler(m.family, sampler, plan.preset)
@@ -345,7 +357,8 @@ def _build_terms(names: list[str], method_params: dict, preset: Preset, emag_ove
             terms.append(build_term(name, params.get(name, {})))
     if emag_overrides and emag is None:
         raise ValueError("EMAG options (--scale, --layers, ...) were given but --method does not include emag.")
-    terms = with_paired_cfg(terms, cfg_scale, family)
+    # a guidance-distilled model's --cfg is its embedded guidance value: EMAG comes with no true CFG there
+    terms = with_paired_cfg(terms, 1.0 if family.distilled_guidance else cfg_scale, family)
     return with_defaults(terms, family, cfg_scale), emag
 
 

@@ -123,6 +123,11 @@ class ModelFamily:
     undefined_methods: Mapping[str, str] = field(default_factory=dict)
     # the pipeline's ``guidance_scale`` is an embedded (distilled) guidance, not CFG (Flux.1-dev)
     distilled_guidance: bool = False
+    # how positions enter attention: None for absolute (sin-cos) embeddings added to the patch tokens, else
+    # how rotary embeddings are applied (to Q and K before the fused call: edits see rotated Q and K)
+    rope: str | None = None
+    packing: int = 1  # latent pixels per token side beyond the transformer's patch size (Flux packs 2 x 2)
+    video: bool = False  # latents [B, C, F, H, W] (frames x height x width tokens)
 
     def __post_init__(self) -> None:
         if not self.block_lists:

@@ -38,6 +38,8 @@ WAN = ModelFamily(
     scale_queries_first=False,
     prediction="flow", conditioning="text", normal_order=("cond", "uncond"), reference_blocks=30,
     emag_protocol="perturbed-pass",  # the flow-matching text-to-image protocol (SD3); no Wan reference exists
+    rope="3-D rotary (frame, row, col) on Q and K after QK-norm, before the fused call",
+    video=True,
     hub_models={"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": False, "Wan-AI/Wan2.1-T2V-14B-Diffusers": False},
     undefined_methods={"sag": "SAG blurs the regions of a 2-D latent image its attention mask selects; it is not "
                               "extended to video latents here."},

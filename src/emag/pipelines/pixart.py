@@ -122,6 +122,8 @@ class PixArtSigmaEMAGPipeline(GuidedPipeline, PixArtSigmaPipeline):
         runtimes = self._guided_runtimes(terms, setup, contexts)
 
         # -- inputs ---------------------------------------------------------------------------------
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = ""  # the base pipeline's default (a caller may pass None for "none given")
         embeds, mask, n_embeds, n_mask = self.encode_prompt(
             prompt, setup.uses_uncond, negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt,
             device=device, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,

@@ -126,6 +126,8 @@ class SanaEMAGPipeline(GuidedPipeline, SanaPipeline):
         runtimes = self._guided_runtimes(terms, setup, contexts)
 
         # -- inputs ---------------------------------------------------------------------------------
+        if negative_prompt is None and negative_prompt_embeds is None:
+            negative_prompt = ""  # the base pipeline's default (a caller may pass None for "none given")
         encode = dict(negative_prompt=negative_prompt, num_images_per_prompt=num_images_per_prompt, device=device,
                       prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
                       prompt_attention_mask=prompt_attention_mask,

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ...dtypes import parse_float_dtype
-from ...families import DIT, SD3, ModelFamily
+from ...families import DIT, FLUX, PIXART, SANA, SD3, WAN, ModelFamily
 from ...layers import LayerSpec, parse_layers
 from ...math.selection import SELECTION_MODES
 from ...windows import as_window
@@ -222,6 +222,18 @@ def _dit(name: str, combination: str, source: str, resolution: int = 256) -> Pre
     )
 
 
+def _chosen(name: str, family: ModelFamily, layers: str, model_id: str, guidance_scale: float, steps: int,
+            resolution: int, sampler: str, why: str, **changes: Any) -> Preset:
+    """A preset of this project's choosing for a model no paper gives EMAG settings for: the family's EMAG
+    defaults (SD3's scale, windows and float16 EMA) on the middle blocks of the reference model ``layers``,
+    with the model's own sampling defaults."""
+    return Preset(
+        name=name, family=family, emag=_reference(family, name, layers=layers, **changes),
+        guidance_scale=guidance_scale, num_inference_steps=steps, resolution=resolution, seed=0, sampler=sampler,
+        model_id=model_id, source=f"This project's choice, not a published setting: {why}",
+    )
+
+
 def _digits() -> Preset:
     return Preset(
         name="digits", family=DIT,
@@ -251,6 +263,28 @@ PRESETS: dict[str, Preset] = {
              "Reference DiT additive variant u + w(c-u) + w_e(c-u_e), doubled [x;x] batch, "
              "replacement whenever curr <= 100 (docs/method.md)."),
         _digits(),
+        _chosen("sd35-medium", SD3, "6-8", "stabilityai/stable-diffusion-3.5-medium", 4.5, 40, 1024,
+                "FlowMatchEulerDiscrete (shift 3.0)",
+                "SD3.5 Medium has SD3-Medium's 24 blocks: the paper's SD3 blocks 6-8 and settings; the model card's "
+                "CFG 4.5 and 40 steps."),
+        _chosen("sd35-large", SD3, "10-12", "stabilityai/stable-diffusion-3.5-large", 3.5, 28, 1024,
+                "FlowMatchEulerDiscrete (shift 3.0)",
+                "SD3-Medium's blocks 6-8 (25-33 % of the depth) mapped to SD3.5 Large's 38 blocks; the model "
+                "card's CFG 3.5 and 28 steps."),
+        _chosen("flux-dev", FLUX, "double:8-10", "black-forest-labs/FLUX.1-dev", 3.5, 28, 1024,
+                "FlowMatchEulerDiscrete (dynamic shift)",
+                "the three middle double blocks of FLUX.1-dev (19 double, 38 single); guidance-distilled, so EMAG "
+                "guides the conditional prediction, c_e + w_e (c - c_e), with the embedded guidance 3.5."),
+        _chosen("pixart-sigma", PIXART, "13-15", "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS", 4.5, 20, 1024,
+                "DPMSolverMultistep", "the three middle blocks of PixArt-Sigma-XL (28); the pipeline's CFG 4.5 and 20 "
+                "steps."),
+        _chosen("sana-1600m", SANA, "9-11", "Efficient-Large-Model/Sana_1600M_1024px_diffusers", 4.5, 20, 1024,
+                "DPMSolverMultistep (flow)", "EMAG-Q (the variant defined on linear attention) on the three middle "
+                "blocks of Sana 1600M (20); the pipeline's CFG 4.5 and 20 steps.", variant="q"),
+        _chosen("wan2.1-1.3b", WAN, "14-16", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 5.0, 50, 480,
+                "UniPCMultistep (flow, shift 3.0)", "EMAG-Q (one query tensor per row and block; a dense map EMA "
+                "is ~26 GB per row and block at 832 x 480 x 81) on the three middle blocks of Wan2.1-T2V-1.3B (30); "
+                "the pipeline's CFG 5 and 50 steps.", variant="q"),
     ]
 }
 

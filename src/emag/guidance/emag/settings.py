@@ -46,6 +46,8 @@ class ResolvedEMAG:
     ema_storage: str = "auto"
     explicit_attention: bool = False
     preset_name: str | None = None
+    # how the user writes ``layers`` where the model has several block lists (``double:8``), else empty
+    layer_addresses: tuple[str, ...] = ()
 
     @property
     def is_neutral(self) -> bool:
@@ -54,7 +56,8 @@ class ResolvedEMAG:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["layers"] = format_layers(self.layers)
+        d["layers"] = ",".join(self.layer_addresses) if self.layer_addresses else format_layers(self.layers)
+        d.pop("layer_addresses")
         d["ema_window"] = self.ema_window.describe()
         d["apply_window"] = self.apply_window.describe()
         d["ema_dtype"] = dtype_name(self.ema_dtype)
@@ -105,4 +108,5 @@ def resolve(emag: Any, family: ModelFamily | str, num_blocks: int | tuple[int, .
         ema_storage="dense" if emag.explicit_attention else emag.ema_storage,
         explicit_attention=emag.explicit_attention,
         preset_name=emag.preset_name,
+        layer_addresses=tuple(family.address(l, counts) for l in layers) if len(family.block_lists) > 1 else (),
     )
