@@ -57,3 +57,7 @@ bench h200_sd3_medium_b1 --size $SD3 --batch 1 --repeats 2
 bench h200_sd3_medium_b4 --size $SD3 --batch 4 --repeats 1 --only cfg emag-full emag-q emag-full-joined emag-q-joined emag-full-straightforward emag-q-straightforward
 bench h200_dit_xl_2_256 --size $DIT256 --batch 1 4 --repeats 2
 bench h200_dit_xl_2_512 --size $DIT512 --batch 1 --repeats 2
+# every other model family at its real size (issue 16): random weights, bfloat16, 10 steps, one timed round
+[ "${SMOKE:-0}" = 1 ] || timeout 240 python3 benchmarks/families.py --device cuda --dtype bfloat16 --steps 10 \
+    --repeats 1 --family sd35-large flux-dev pixart-sigma sana-1600m --json "$OUT/h200_families.json" \
+    2>&1 | grep -v "Casting directly" | tee "$OUT/h200_families.txt"

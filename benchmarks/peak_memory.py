@@ -20,6 +20,7 @@ models the meta count equals the CPU count exactly (tests/test_live_memory.py).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -95,6 +96,7 @@ def keep_timesteps_on_cpu(scheduler) -> None:
     """On ``meta`` the schedule must keep its values: the scheduler's tensors stay on the CPU."""
     original = scheduler.set_timesteps
 
+    @functools.wraps(original)  # keeps the signature: pipelines inspect it for `sigmas` / `timesteps`
     def set_timesteps(*args, **kwargs):
         kwargs["device"] = "cpu"
         return original(*args, **kwargs)

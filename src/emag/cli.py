@@ -438,16 +438,18 @@ def methods_cmd(family) -> None:
 
 
 def _layer_defaults(method: str) -> dict[str, str]:
-    """Each family's default layers of ``method``, shown for its reference model's block count."""
+    """Each family's default layers of ``method``, shown for its reference model's block counts."""
     out = {}
     for fam in FAMILIES.values():
         d = fam.default_layers(method)
         if d is None:
             continue
-        n = fam.reference_blocks  # bands computed from the block count scale with the model
-        layers = d(n) if callable(d) else d
-        text = ",".join(map(str, layers)) if len(layers) < 8 else f"{layers[0]}-{layers[-1]}"
-        out[fam.name] = text + (f" (of {n}; scales with the model)" if callable(d) else "")
+        counts = fam.reference_counts  # bands computed from the block count scale with the model
+        names = [fam.address(p, counts) for p in fam.default_layer_positions(method, counts, method)]
+        text = ",".join(names) if len(names) < 8 else f"{names[0]}-{names[-1]}"
+        within = getattr(d, "within", None)
+        of = f"{dict(zip((b.name for b in fam.block_lists), counts))[within]} {within}" if within else sum(counts)
+        out[fam.name] = text + (f" (of {of}; scales with the model)" if callable(d) else "")
     return out
 
 

@@ -10,6 +10,7 @@ one module of :mod:`emag.families`; nothing else in the package names a family.
 from __future__ import annotations
 
 import importlib
+from contextlib import nullcontext
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,6 +129,8 @@ class ModelFamily:
     rope: str | None = None
     packing: int = 1  # latent pixels per token side beyond the transformer's patch size (Flux packs 2 x 2)
     video: bool = False  # latents [B, C, F, H, W] (frames x height x width tokens)
+    # the text condition's fields in diffusers' modular pipeline's guider inputs (emag.EMAGGuider)
+    guider_inputs: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.block_lists:
@@ -281,9 +284,44 @@ class ModelFamily:
     def backbone_of(self, transformer: nn.Module, **options: Any) -> Any:
         """The family's batched-pass runner around ``transformer`` (``options``: the call's, e.g. SD3's
         ``joint_attention_kwargs``, DiT's ``scheduler``)."""
-        return _import(self.backbone)(transformer, **options)
+        return self.backbone_class()(transformer, **options)
+
+    def backbone_class(self) -> type:
+        return _import(self.backbone)
 
     def pipeline_class(self) -> type:
         """This package's diffusers pipeline for the family (imported on use: it pulls in diffusers'
         pipeline modules)."""
         return _import(self.pipeline)
+
+
+class Backbone:
+    """What every family's backbone shares (override where the family differs): the guided latent
+    channels, the block count, the ``(H/p, W/p)`` token grid of ``[B, C, H, W]`` latents, and no per-call
+    context. A family's backbone adds ``forward``, ``attention_geometry``, ``embed``, ``block`` and ``head``
+    (block by block, equal to ``forward``)."""
+
+    family: ModelFamily
+    transformer: nn.Module
+
+    @property
+    def normal_order(self) -> tuple[str, str]:
+        return self.family.normal_order
+
+    @property
+    def channels(self) -> int:
+        """The latent channels of the sampler's prediction (the guided ones)."""
+        return self.transformer.config.in_channels
+
+    @property
+    def num_blocks(self) -> int:
+        return self.family.num_blocks(self.transformer)
+
+    def token_grid(self, x) -> tuple[int, ...]:
+        """The image-token grid of latents ``x`` ``[B, C, H, W]``: ``(H/p, W/p)``."""
+        p = self.transformer.config.patch_size
+        return (x.shape[-2] // p, x.shape[-1] // p)
+
+    def context(self, conds, rows):
+        """A context around a pass (DiT: CADS's class-embedding rewrite); none by default."""
+        return nullcontext()

@@ -23,7 +23,7 @@ from ..plumbing.conditions import ClassCondition
 from ..plumbing.hooks import CallHooks
 from ..plumbing.runner import RunState
 from ..windows import RemainingStepsWindow
-from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
+from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
 
 
 def _legacy_dit(config: dict) -> bool:
@@ -67,30 +67,15 @@ DIT = ModelFamily(
 )
 
 
-class DiTBackbone:
+class DiTBackbone(Backbone):
     """One batched DiT pass over several branches (rows follow the order of the branches), or the same
     pass block by block: ``embed`` -> ``block(i)`` ... -> ``head`` equals the model's ``forward``."""
 
     family = DIT
-    normal_order = DIT.normal_order
 
     def __init__(self, transformer: nn.Module, scheduler: Any) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
-
-    @property
-    def channels(self) -> int:
-        """The latent channels the sampler's prediction has (the guided ones)."""
-        return self.transformer.config.in_channels
-
-    def token_grid(self, x: Tensor) -> tuple[int, int]:
-        """The image-token grid of latents ``x`` ``[B, C, H, W]``: ``(H/p, W/p)``."""
-        p = self.transformer.config.patch_size
-        return (x.shape[-2] // p, x.shape[-1] // p)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
 
     def _label_embedders(self) -> list[nn.Module]:
         return [m for m in self.transformer.modules() if type(m).__name__ == "LabelEmbedding"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from ..plumbing.conditions import TextCondition
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
-from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
+from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
 
 FLUX = ModelFamily(
     name="flux", label="Flux", transformer_class="FluxTransformer2DModel",
@@ -86,14 +85,13 @@ def image_ids(h: int, w: int, device, dtype) -> Tensor:
     return ids.reshape((h // 2) * (w // 2), 3).to(device=device, dtype=dtype)
 
 
-class FluxBackbone:
+class FluxBackbone(Backbone):
     """One batched Flux pass over several branches on unpacked latents, or the same pass block by block
     (the double blocks, then the single blocks): ``embed`` -> ``block(i)`` ... -> ``head`` equals the
     model's ``forward``. ``guidance``: the distilled guidance value (Flux.1-dev), None for models without
     a guidance embedding."""
 
     family = FLUX
-    normal_order = FLUX.normal_order
 
     def __init__(self, transformer: nn.Module, guidance: float | None = None,
                  joint_attention_kwargs: dict | None = None) -> None:
@@ -111,10 +109,6 @@ class FluxBackbone:
     @property
     def channels(self) -> int:
         return self.transformer.config.in_channels // 4
-
-    @property
-    def num_blocks(self) -> int:
-        return sum(self._counts)
 
     @staticmethod
     def token_grid(x: Tensor) -> tuple[int, int]:
@@ -137,9 +131,6 @@ class FluxBackbone:
         return dict(timestep=t.expand(b).to(x.dtype) / 1000, guidance=guidance,
                     txt_ids=torch.zeros(embeds.shape[1], 3, device=x.device, dtype=embeds.dtype),
                     img_ids=image_ids(h, w, x.device, embeds.dtype))
-
-    def context(self, conds: Sequence[TextCondition], rows: Sequence[int]):
-        return nullcontext()
 
     def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> Tensor:
         x, embeds, pooled = self._inputs(xs, conds)

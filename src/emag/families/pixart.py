@@ -11,7 +11,6 @@ text-to-image EMAG protocol, scale, windows and EMA dtype of SD3), docs/models.m
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 from typing import Any
 
@@ -21,7 +20,7 @@ from torch import Tensor, nn
 from ..plumbing.conditions import TextCondition
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
-from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
+from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
 
 PIXART = ModelFamily(
     name="pixart", label="PixArt", transformer_class="PixArtTransformer2DModel",
@@ -76,32 +75,16 @@ def model_timestep(scheduler: Any, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor
     return x, ts.expand(x.shape[0])
 
 
-class PixArtBackbone:
+class PixArtBackbone(Backbone):
     """One batched PixArt pass over several branches (rows follow the order of the branches), or the same
     pass block by block: ``embed`` -> ``block(i)`` ... -> ``head`` equals the model's ``forward``."""
 
     family = PIXART
-    normal_order = PIXART.normal_order
     ADDED = {"resolution": None, "aspect_ratio": None}  # PixArt-Σ's pipeline passes no size conditioning
 
     def __init__(self, transformer: nn.Module, scheduler: Any = None) -> None:
         self.transformer = transformer
         self.scheduler = scheduler
-
-    @property
-    def channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    def token_grid(self, x: Tensor) -> tuple[int, int]:
-        p = self.transformer.config.patch_size
-        return (x.shape[-2] // p, x.shape[-1] // p)
-
-    def context(self, conds: Sequence[TextCondition], rows: Sequence[int]):
-        return nullcontext()
 
     def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> Tensor:
         x, embeds, mask = text_inputs(xs, conds)

@@ -15,7 +15,6 @@ float32 prediction.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from ..plumbing.conditions import TextCondition
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
-from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
+from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
 from .pixart import text_bias, text_inputs
 
 _NO_MAP = "Sana's self-attention is linear attention, which forms no softmax attention map"
@@ -57,32 +56,16 @@ SANA = ModelFamily(
 )
 
 
-class SanaBackbone:
+class SanaBackbone(Backbone):
     """One batched Sana pass over several branches, or the same pass block by block: ``embed`` ->
     ``block(i)`` ... -> ``head`` equals the model's ``forward`` (float32 predictions, as the pipeline
     guides them)."""
 
     family = SANA
-    normal_order = SANA.normal_order
 
     def __init__(self, transformer: nn.Module, attention_kwargs: dict | None = None) -> None:
         self.transformer = transformer
         self.attention_kwargs = attention_kwargs
-
-    @property
-    def channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    def token_grid(self, x: Tensor) -> tuple[int, int]:
-        p = self.transformer.config.patch_size
-        return (x.shape[-2] // p, x.shape[-1] // p)
-
-    def context(self, conds: Sequence[TextCondition], rows: Sequence[int]):
-        return nullcontext()
 
     def _inputs(self, xs, t, conds):
         x, embeds, mask = text_inputs(xs, conds)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -19,7 +18,7 @@ from torch import Tensor, nn
 from ..plumbing.conditions import TextCondition
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
-from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
+from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
 
 SD3 = ModelFamily(
     name="sd3", label="SD3", transformer_class="SD3Transformer2DModel",
@@ -29,6 +28,7 @@ SD3 = ModelFamily(
     scale_queries_first=False,  # the reference scales the logits after Q K^T
     prediction="flow", conditioning="text", normal_order=("uncond", "cond"), reference_blocks=24,
     emag_protocol="perturbed-pass",  # the EMAG reference's SD3 pipeline (docs/method.md)
+    guider_inputs={"embeds": "encoder_hidden_states", "pooled": "text_embeds"},
     hub_models={"stabilityai/stable-diffusion-3-medium-diffusers": True, "stabilityai/stable-diffusion-3.5-medium": True,
                 "stabilityai/stable-diffusion-3.5-large": True},
     defaults={
@@ -51,12 +51,11 @@ SD3 = ModelFamily(
 )
 
 
-class SD3Backbone:
+class SD3Backbone(Backbone):
     """One batched SD3 pass over several branches (rows follow the order of the branches), or the same
     pass block by block: ``embed`` -> ``block(i)`` ... -> ``head`` equals the model's ``forward``."""
 
     family = SD3
-    normal_order = SD3.normal_order
 
     def __init__(self, transformer: nn.Module, joint_attention_kwargs: dict | None = None) -> None:
         self.transformer = transformer
@@ -64,29 +63,12 @@ class SD3Backbone:
         if joint_attention_kwargs and "ip_adapter_image_embeds" in joint_attention_kwargs:
             raise NotImplementedError("Block-level execution does not support IP-Adapter.")
 
-    @property
-    def channels(self) -> int:
-        """The latent channels the sampler's prediction has (the guided ones)."""
-        return self.transformer.config.in_channels
-
-    def token_grid(self, x: Tensor) -> tuple[int, int]:
-        """The image-token grid of latents ``x`` ``[B, C, H, W]``: ``(H/p, W/p)``."""
-        p = self.transformer.config.patch_size
-        return (x.shape[-2] // p, x.shape[-1] // p)
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
     @staticmethod
     def _inputs(xs: Sequence[Tensor], conds: Sequence[TextCondition]) -> tuple[Tensor, Tensor, Tensor]:
         x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
         embeds = torch.cat([c.embeds for c in conds]) if len(conds) > 1 else conds[0].embeds
         pooled = torch.cat([c.pooled for c in conds]) if len(conds) > 1 else conds[0].pooled
         return x, embeds, pooled
-
-    def context(self, conds: Sequence[TextCondition], rows: Sequence[int]):
-        return nullcontext()
 
     def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> Tensor:
         x, embeds, pooled = self._inputs(xs, conds)

@@ -19,7 +19,6 @@ are this project's choice (the middle blocks; SD3's EMAG scale and windows), doc
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import replace
 
 import torch
@@ -28,7 +27,7 @@ from torch import Tensor, nn
 from ..plumbing.conditions import TextCondition
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
-from .base import AttentionGeometry, BlockList, ModelFamily, every_block, middle
+from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
 
 WAN = ModelFamily(
     name="wan", label="Wan", transformer_class="WanTransformer3DModel",
@@ -40,6 +39,7 @@ WAN = ModelFamily(
     emag_protocol="perturbed-pass",  # the flow-matching text-to-image protocol (SD3); no Wan reference exists
     rope="3-D rotary (frame, row, col) on Q and K after QK-norm, before the fused call",
     video=True,
+    guider_inputs={"embeds": "encoder_hidden_states"},
     hub_models={"Wan-AI/Wan2.1-T2V-1.3B-Diffusers": False, "Wan-AI/Wan2.1-T2V-14B-Diffusers": False},
     undefined_methods={"sag": "SAG blurs the regions of a 2-D latent image its attention mask selects; it is not "
                               "extended to video latents here."},
@@ -57,33 +57,21 @@ WAN = ModelFamily(
 )
 
 
-class WanBackbone:
+class WanBackbone(Backbone):
     """One batched Wan pass over several branches, or the same pass block by block: ``embed`` ->
     ``block(i)`` ... -> ``head`` equals the model's ``forward``."""
 
     family = WAN
-    normal_order = WAN.normal_order
 
     def __init__(self, transformer: nn.Module, attention_kwargs: dict | None = None) -> None:
         self.transformer = transformer
         self.attention_kwargs = attention_kwargs
         self._rotary: tuple[Tensor, Tensor] | None = None
 
-    @property
-    def channels(self) -> int:
-        return self.transformer.config.in_channels
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.transformer.blocks)
-
     def token_grid(self, x: Tensor) -> tuple[int, int, int]:
         """The video-token grid of latents ``[B, C, F, H, W]``: ``(F/p_t, H/p_h, W/p_w)``."""
         pt, ph, pw = self.transformer.config.patch_size
         return (x.shape[-3] // pt, x.shape[-2] // ph, x.shape[-1] // pw)
-
-    def context(self, conds: Sequence[TextCondition], rows: Sequence[int]):
-        return nullcontext()
 
     def _inputs(self, xs, t, conds):
         x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]

@@ -17,8 +17,38 @@ from ..guidance.base import GuidanceConfig, Setup, TermRuntime
 from ..guidance.call import guided_channels_of, make_runtimes, uses_uncond
 from ..loading import from_pretrained_checked
 from ..plumbing.edits import EditScope
+from ..inputs import check_count, check_guidance_scale, check_options
+from ..parametrization import EpsilonVP, FlowMatching
 from ..plumbing.exclusive import PerThread
 from ..windows import StepContext
+
+# a guided pipeline's own call arguments; the others are the base diffusers pipeline's
+OWN_ARGUMENTS = ("emag", "guidance", "batching", "fast", "combine_space", "on_step_outputs")
+
+
+def base_arguments(call_locals: dict[str, Any]) -> dict[str, Any]:
+    """The base pipeline's arguments of a call, from the call's ``locals()``."""
+    return {k: v for k, v in call_locals.items() if k not in (*OWN_ARGUMENTS, "self", "__class__", "kwargs")}
+
+
+def flow_contexts(scheduler: Any, timesteps) -> list[StepContext]:
+    """Each step's position and flow-matching noise level (the scheduler's sigma) for the terms."""
+    contexts = []
+    for i, t in enumerate(timesteps):
+        param = FlowMatching(float(scheduler.sigmas[i]))
+        contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
+    return contexts
+
+
+def vp_contexts(scheduler: Any, timesteps) -> list[StepContext]:
+    """Each step's position and noise level (from the scheduler's cumulative alphas) for the terms."""
+    alphas = scheduler.alphas_cumprod
+    num_train = int(scheduler.config.get("num_train_timesteps", 1000))
+    contexts = []
+    for i, t in enumerate(timesteps):
+        param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
+        contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
+    return contexts
 
 
 class GuidedPipeline:
@@ -29,6 +59,20 @@ class GuidedPipeline:
     emag_trace = PerThread()
     guidance_runtimes = PerThread()
     guidance_engine = PerThread()
+
+    def _begin_call(self, *, guided: bool, on_step_outputs, batching, combine_space, fast, guidance_scale=None,
+                    counts: dict[str, tuple[Any, str]] | None = None) -> None:
+        """The checks every guided pipeline makes before any work: scales, counts, this package's options;
+        ``on_step_outputs`` observes the engine, so it needs guidance terms."""
+        self.emag_trace = None
+        if guidance_scale is not None:
+            check_guidance_scale(guidance_scale)
+        for name, (value, what) in (counts or {}).items():
+            check_count(name, value, what)
+        check_options(batching, combine_space, fast)
+        if not guided and on_step_outputs is not None:
+            raise ValueError("on_step_outputs observes the guidance engine: give guidance=[...] (e.g. "
+                             "[emag.CFG(5.0)] for plain CFG).")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):

@@ -36,11 +36,9 @@ from ..inputs import (
     check_output_type,
     class_ids,
 )
-from ..parametrization import EpsilonVP
 from ..plumbing.conditions import ClassCondition
 from ..plumbing.exclusive import one_call_at_a_time
-from ..windows import StepContext
-from ._guided import GuidedPipeline
+from ._guided import GuidedPipeline, vp_contexts
 
 NOISE_LAYOUTS = ("doubled", "samples")
 
@@ -148,7 +146,7 @@ class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
         timesteps = self.scheduler.timesteps
         setup = self._guided_setup(terms, guidance_scale, num_steps=len(timesteps), batch_size=batch_size,
                                    device=device, fast=fast)
-        runtimes = self._guided_runtimes(terms, setup, self._contexts(timesteps))
+        runtimes = self._guided_runtimes(terms, setup, vp_contexts(self.scheduler, timesteps))
         step_kwargs = {}
         if "generator" in inspect.signature(self.scheduler.step).parameters:
             step_kwargs["generator"] = generator
@@ -169,7 +167,7 @@ class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
                                      scheduler=self.scheduler)
 
         # -- the sampler loop -------------------------------------------------------------------------
-        contexts = self._contexts(timesteps)
+        contexts = vp_contexts(self.scheduler, timesteps)
         with engine.installed():
             for i, t in enumerate(self.progress_bar(timesteps)):
                 out = engine.predict(latents, t, contexts[i])
@@ -186,16 +184,6 @@ class DiTEMAGPipeline(GuidedPipeline, DiTPipeline):
                     latents = outputs.pop("latents", latents)
         self._record(runtimes)
         return self._output(latents, output_type, return_dict)
-
-    def _contexts(self, timesteps) -> list[StepContext]:
-        """Each step's position and noise level (from the scheduler's cumulative alphas) for the terms."""
-        alphas = self.scheduler.alphas_cumprod
-        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
-            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
-        return contexts
 
     def _check_sampler(self, terms, reference: str | None) -> None:
         """A term whose published numbers on DiT-XL/2-shaped models used a particular sampler warns when

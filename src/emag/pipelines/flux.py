@@ -23,12 +23,10 @@ from diffusers.pipelines.flux.pipeline_output import FluxPipelineOutput
 from ..families.flux import FLUX, pack, unpack
 from ..guidance.call import terms_of_call, text_weakenings
 from ..guidance.emag import EMAG
-from ..inputs import check_count, check_guidance_scale, check_options, warn_unused_negative
-from ..parametrization import FlowMatching
+from ..inputs import check_guidance_scale, warn_unused_negative
 from ..plumbing.conditions import TextCondition
 from ..plumbing.exclusive import one_call_at_a_time
-from ..windows import StepContext
-from ._guided import GuidedPipeline
+from ._guided import GuidedPipeline, base_arguments, flow_contexts
 
 
 class FluxEMAGPipeline(GuidedPipeline, FluxPipeline):
@@ -81,20 +79,15 @@ class FluxEMAGPipeline(GuidedPipeline, FluxPipeline):
         combine_space: str = "auto",
         on_step_outputs: Callable | None = None,
     ) -> FluxPipelineOutput | tuple:
-        base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "on_step_outputs", "__class__"):
-            base_args.pop(key, None)
-        self.emag_trace = None
-        check_guidance_scale(guidance_scale)
+        base_args = base_arguments(locals())
         check_guidance_scale(true_cfg_scale)
+        counts = {"num_images_per_prompt": (num_images_per_prompt, "images generated per prompt")}
         if sigmas is None:
-            check_count("num_inference_steps", num_inference_steps, "the number of sampling steps")
-        check_count("num_images_per_prompt", num_images_per_prompt, "images generated per prompt")
-        check_options(batching, combine_space, fast)
+            counts["num_inference_steps"] = (num_inference_steps, "the number of sampling steps")
+        self._begin_call(guided=emag is not None or guidance is not None, on_step_outputs=on_step_outputs,
+                         batching=batching, combine_space=combine_space, fast=fast, guidance_scale=guidance_scale,
+                         counts=counts)
         if emag is None and guidance is None:
-            if on_step_outputs is not None:
-                raise ValueError("on_step_outputs observes the guidance engine: give guidance=[...] (e.g. "
-                                 "[emag.CFG(3.5)] for true CFG).")
             return super().__call__(**base_args)
 
         # -- everything is checked before any expensive work ----------------------------------------
@@ -134,7 +127,7 @@ class FluxEMAGPipeline(GuidedPipeline, FluxPipeline):
         num_steps = len(timesteps)
         setup = self._guided_setup(terms, cfg_scale, num_steps=num_steps, batch_size=samples, device=device, fast=fast)
         warn_unused_negative(setup.uses_uncond, base_args)
-        contexts = self._contexts(timesteps)
+        contexts = flow_contexts(self.scheduler, timesteps)
         runtimes = self._guided_runtimes(terms, setup, contexts)
         lora_scale = (joint_attention_kwargs or {}).get("scale", None)
         encode = dict(device=device, num_images_per_prompt=num_images_per_prompt,
@@ -206,13 +199,6 @@ class FluxEMAGPipeline(GuidedPipeline, FluxPipeline):
             self.scheduler.config.get("max_shift", 1.15),
         )
         return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, mu=mu)
-
-    def _contexts(self, timesteps) -> list[StepContext]:
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = FlowMatching(float(self.scheduler.sigmas[i]))
-            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
-        return contexts
 
     def decode_latents(self, latents, unit: bool = True):
         """Images ``[B, 3, H, W]`` from unpacked latents ``[B, 16, h, w]`` (or x0 predictions): in [0, 1]

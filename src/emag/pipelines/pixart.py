@@ -22,12 +22,10 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from ..families.pixart import PIXART
 from ..guidance.call import terms_of_call, text_weakenings
 from ..guidance.emag import EMAG
-from ..inputs import check_count, check_guidance_scale, check_options, warn_unused_negative
-from ..parametrization import EpsilonVP
+from ..inputs import warn_unused_negative
 from ..plumbing.conditions import TextCondition
 from ..plumbing.exclusive import one_call_at_a_time
-from ..windows import StepContext
-from ._guided import GuidedPipeline
+from ._guided import GuidedPipeline, base_arguments, vp_contexts
 
 BINS = {256: ASPECT_RATIO_2048_BIN, 128: ASPECT_RATIO_1024_BIN, 64: ASPECT_RATIO_512_BIN, 32: ASPECT_RATIO_256_BIN}
 
@@ -78,21 +76,15 @@ class PixArtSigmaEMAGPipeline(GuidedPipeline, PixArtSigmaPipeline):
         on_step_outputs: Callable | None = None,
         **kwargs,
     ) -> ImagePipelineOutput | tuple:
-        base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "on_step_outputs", "__class__",
-                    "kwargs"):
-            base_args.pop(key, None)
+        base_args = base_arguments(locals())
         base_args.update(kwargs)
-        self.emag_trace = None
-        check_guidance_scale(guidance_scale)
+        counts = {"num_images_per_prompt": (num_images_per_prompt, "images generated per prompt")}
         if timesteps is None and sigmas is None:
-            check_count("num_inference_steps", num_inference_steps, "the number of sampling steps")
-        check_count("num_images_per_prompt", num_images_per_prompt, "images generated per prompt")
-        check_options(batching, combine_space, fast)
+            counts["num_inference_steps"] = (num_inference_steps, "the number of sampling steps")
+        self._begin_call(guided=emag is not None or guidance is not None, on_step_outputs=on_step_outputs,
+                         batching=batching, combine_space=combine_space, fast=fast, guidance_scale=guidance_scale,
+                         counts=counts)
         if emag is None and guidance is None:
-            if on_step_outputs is not None:
-                raise ValueError("on_step_outputs observes the guidance engine: give guidance=[...] (e.g. "
-                                 "[emag.CFG(4.5)] for plain CFG).")
             return super().__call__(**base_args)
 
         # -- everything is checked before any expensive work ----------------------------------------
@@ -102,20 +94,16 @@ class PixArtSigmaEMAGPipeline(GuidedPipeline, PixArtSigmaPipeline):
                                       "is implemented for SD3 only. Use ERG's attention part (layers) on PixArt.")
         height = height or self.transformer.config.sample_size * self.vae_scale_factor
         width = width or self.transformer.config.sample_size * self.vae_scale_factor
+        orig_size = (height, width)
         if use_resolution_binning:
-            size = self.transformer.config.sample_size
-            if size not in BINS:
-                raise ValueError(f"Resolution binning needs a transformer sample_size of {sorted(BINS)}, this one has "
-                                 f"{size}: pass use_resolution_binning=False.")
-            orig_height, orig_width = height, width
-            height, width = self.image_processor.classify_height_width_bin(height, width, ratios=BINS[size])
+            height, width = binned_size(self, BINS, height, width)
         self.check_inputs(prompt, height, width, negative_prompt, callback_steps, prompt_embeds,
                           negative_prompt_embeds, prompt_attention_mask, negative_prompt_attention_mask)
         batch_size = 1 if isinstance(prompt, str) else len(prompt) if isinstance(prompt, list) else prompt_embeds.shape[0]
         device = self._execution_device
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
                                                             sigmas)
-        contexts = self._contexts(timesteps)
+        contexts = vp_contexts(self.scheduler, timesteps)
         setup = self._guided_setup(terms, guidance_scale, num_steps=len(timesteps),
                                    batch_size=batch_size * num_images_per_prompt, device=device, fast=fast)
         warn_unused_negative(setup.uses_uncond, {k: v for k, v in base_args.items() if k != "negative_prompt"})
@@ -152,29 +140,38 @@ class PixArtSigmaEMAGPipeline(GuidedPipeline, PixArtSigmaPipeline):
                     if callback is not None and i % callback_steps == 0:
                         callback(i // getattr(self.scheduler, "order", 1), t, latents)
         self._record(runtimes)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            if use_resolution_binning:
-                image = self.image_processor.resize_and_crop_tensor(image, orig_width, orig_height)
-            image = self.image_processor.postprocess(image, output_type=output_type)
+        image = binned_output(self, latents, output_type, orig_size if use_resolution_binning else None)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
 
-    def _contexts(self, timesteps) -> list[StepContext]:
-        """Each step's position and noise level (from the scheduler's cumulative alphas) for the terms."""
-        alphas = self.scheduler.alphas_cumprod
-        num_train = int(self.scheduler.config.get("num_train_timesteps", 1000))
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = EpsilonVP(float(alphas[int(t)]), float(t), num_train)
-            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
-        return contexts
-
     def decode_latents(self, latents):
         """Images ``[B, 3, H, W]`` in [0, 1] from latents (or x0 predictions)."""
-        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        return (decoded(self, latents) / 2 + 0.5).clamp(0, 1)
+
+
+def binned_size(pipe, bins: dict, height: int, width: int) -> tuple[int, int]:
+    """The size diffusers' PixArt / Sana pipelines generate at for a requested size: the nearest bin of
+    the transformer's native size (a sample size without bins is an error naming the way out)."""
+    size = pipe.transformer.config.sample_size
+    if size not in bins:
+        raise ValueError(f"Resolution binning needs a transformer sample_size of {sorted(bins)}, this one has "
+                         f"{size}: pass use_resolution_binning=False.")
+    return pipe.image_processor.classify_height_width_bin(height, width, ratios=bins[size])
+
+
+def decoded(pipe, latents):
+    """The VAE's [-1, 1] images of (scaled) latents."""
+    return pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor, return_dict=False)[0]
+
+
+def binned_output(pipe, latents, output_type: str, orig_size: tuple[int, int] | None):
+    """The call's output as diffusers' PixArt / Sana pipelines give it: the latents, or the decoded images
+    resized back to the requested size (``orig_size``, when binned) and post-processed."""
+    if output_type == "latent":
+        return latents
+    image = decoded(pipe, latents)
+    if orig_size is not None:
+        image = pipe.image_processor.resize_and_crop_tensor(image, orig_size[1], orig_size[0])
+    return pipe.image_processor.postprocess(image, output_type=output_type)

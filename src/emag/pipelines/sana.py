@@ -22,12 +22,11 @@ from diffusers.pipelines.sana.pipeline_sana import ASPECT_RATIO_4096_BIN, retrie
 from ..families.sana import SANA
 from ..guidance.call import terms_of_call, text_weakenings
 from ..guidance.emag import EMAG
-from ..inputs import check_count, check_guidance_scale, check_options, warn_unused_negative
-from ..parametrization import FlowMatching
+from ..inputs import warn_unused_negative
 from ..plumbing.conditions import TextCondition
 from ..plumbing.exclusive import one_call_at_a_time
-from ..windows import StepContext
-from ._guided import GuidedPipeline
+from ._guided import GuidedPipeline, base_arguments, flow_contexts
+from .pixart import binned_output, binned_size, decoded
 
 BINS = {128: ASPECT_RATIO_4096_BIN, 64: ASPECT_RATIO_2048_BIN, 32: ASPECT_RATIO_1024_BIN, 16: ASPECT_RATIO_512_BIN}
 _NOT_GIVEN = object()
@@ -80,34 +79,25 @@ class SanaEMAGPipeline(GuidedPipeline, SanaPipeline):
         combine_space: str = "auto",
         on_step_outputs: Callable | None = None,
     ) -> SanaPipelineOutput | tuple:
-        base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "on_step_outputs", "__class__"):
-            base_args.pop(key, None)
+        base_args = base_arguments(locals())
         if complex_human_instruction is _NOT_GIVEN:  # diffusers' default instruction
             base_args.pop("complex_human_instruction")
-        self.emag_trace = None
-        check_guidance_scale(guidance_scale)
+        counts = {"num_images_per_prompt": (num_images_per_prompt, "images generated per prompt")}
         if timesteps is None and sigmas is None:
-            check_count("num_inference_steps", num_inference_steps, "the number of sampling steps")
-        check_count("num_images_per_prompt", num_images_per_prompt, "images generated per prompt")
-        check_options(batching, combine_space, fast)
+            counts["num_inference_steps"] = (num_inference_steps, "the number of sampling steps")
+        self._begin_call(guided=emag is not None or guidance is not None, on_step_outputs=on_step_outputs,
+                         batching=batching, combine_space=combine_space, fast=fast, guidance_scale=guidance_scale,
+                         counts=counts)
         if emag is None and guidance is None:
-            if on_step_outputs is not None:
-                raise ValueError("on_step_outputs observes the guidance engine: give guidance=[...] (e.g. "
-                                 "[emag.CFG(4.5)] for plain CFG).")
             return super().__call__(**base_args)
 
         # -- everything is checked before any expensive work ----------------------------------------
         terms = terms_of_call(guidance, emag, guidance_scale, self.family)
         if text_weakenings(terms):
             raise NotImplementedError("ERG's text_tau (C-ERG) is implemented for SD3 only.")
+        orig_size = (height, width)
         if use_resolution_binning:
-            size = self.transformer.config.sample_size
-            if size not in BINS:
-                raise ValueError(f"Resolution binning needs a transformer sample_size of {sorted(BINS)}, this one has "
-                                 f"{size}: pass use_resolution_binning=False.")
-            orig_height, orig_width = height, width
-            height, width = self.image_processor.classify_height_width_bin(height, width, ratios=BINS[size])
+            height, width = binned_size(self, BINS, height, width)
         if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
             callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         self.check_inputs(prompt, height, width, callback_on_step_end_tensor_inputs, negative_prompt, prompt_embeds,
@@ -119,7 +109,7 @@ class SanaEMAGPipeline(GuidedPipeline, SanaPipeline):
         device = self._execution_device
         timesteps, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps,
                                                             sigmas)
-        contexts = self._contexts(timesteps)
+        contexts = flow_contexts(self.scheduler, timesteps)
         setup = self._guided_setup(terms, guidance_scale, num_steps=len(timesteps),
                                    batch_size=batch_size * num_images_per_prompt, device=device, fast=fast)
         warn_unused_negative(setup.uses_uncond, {k: v for k, v in base_args.items() if k != "negative_prompt"})
@@ -165,27 +155,12 @@ class SanaEMAGPipeline(GuidedPipeline, SanaPipeline):
                 if i == len(timesteps) - 1 or ((i + 1) > num_warmup_steps and (i + 1) % self.scheduler.order == 0):
                     progress_bar.update()
         self._record(runtimes)
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-            if use_resolution_binning:
-                image = self.image_processor.resize_and_crop_tensor(image, orig_width, orig_height)
-            image = self.image_processor.postprocess(image, output_type=output_type)
+        image = binned_output(self, latents, output_type, orig_size if use_resolution_binning else None)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return SanaPipelineOutput(images=image)
 
-    def _contexts(self, timesteps) -> list[StepContext]:
-        """Each step's position and flow-matching noise level (the scheduler's sigma) for the terms."""
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = FlowMatching(float(self.scheduler.sigmas[i]))
-            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
-        return contexts
-
     def decode_latents(self, latents):
         """Images ``[B, 3, H, W]`` in [0, 1] from latents (or x0 predictions)."""
-        image = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
+        return (decoded(self, latents) / 2 + 0.5).clamp(0, 1)

@@ -26,12 +26,10 @@ from ..families import SD3
 from ..guidance.call import terms_of_call, text_weakenings
 from ..guidance.emag import EMAG
 from ..inputs import check_sd3_call, warn_unused_negative
-from ..parametrization import FlowMatching
 from ..plumbing.conditions import TextCondition
 from ..plumbing.exclusive import one_call_at_a_time
 from ..plumbing.text_weakening import TEXT_ENCODERS, TextWeakening, scaled_queries
-from ..windows import StepContext
-from ._guided import GuidedPipeline
+from ._guided import GuidedPipeline, flow_contexts
 
 
 class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
@@ -136,7 +134,7 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
         setup = self._guided_setup(terms, guidance_scale, num_steps=num_steps,
                                    batch_size=batch_size * num_images_per_prompt, device=device, fast=fast)
         warn_unused_negative(setup.uses_uncond, base_args)
-        contexts = self._contexts(timesteps)
+        contexts = flow_contexts(self.scheduler, timesteps)
         runtimes = self._guided_runtimes(terms, setup, contexts)
 
         # -- inputs ---------------------------------------------------------------------------------
@@ -224,14 +222,6 @@ class StableDiffusion3EMAGPipeline(GuidedPipeline, StableDiffusion3Pipeline):
         elif mu is not None:
             scheduler_kwargs["mu"] = mu
         return retrieve_timesteps(self.scheduler, num_inference_steps, device, sigmas=sigmas, **scheduler_kwargs)
-
-    def _contexts(self, timesteps) -> list[StepContext]:
-        """Each step's position and noise level (the flow-matching sigma) for the guidance terms."""
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = FlowMatching(float(self.scheduler.sigmas[i]))
-            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
-        return contexts
 
     def decode_latents(self, latents):
         """Images ``[B, 3, H, W]`` in [0, 1]: the VAE's decoding of the (shifted, scaled) latents."""

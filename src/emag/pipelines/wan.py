@@ -19,12 +19,10 @@ from diffusers.pipelines.wan.pipeline_output import WanPipelineOutput
 from ..families.wan import WAN
 from ..guidance.call import terms_of_call, text_weakenings
 from ..guidance.emag import EMAG
-from ..inputs import check_count, check_guidance_scale, check_options, warn_unused_negative
-from ..parametrization import FlowMatching
+from ..inputs import warn_unused_negative
 from ..plumbing.conditions import TextCondition
 from ..plumbing.exclusive import one_call_at_a_time
-from ..windows import StepContext
-from ._guided import GuidedPipeline
+from ._guided import GuidedPipeline, base_arguments, flow_contexts
 
 
 class WanEMAGPipeline(GuidedPipeline, WanPipeline):
@@ -67,19 +65,14 @@ class WanEMAGPipeline(GuidedPipeline, WanPipeline):
         combine_space: str = "auto",
         on_step_outputs: Callable | None = None,
     ) -> WanPipelineOutput | tuple:
-        base_args = dict(locals())
-        for key in ("self", "emag", "guidance", "batching", "fast", "combine_space", "on_step_outputs", "__class__"):
-            base_args.pop(key, None)
-        self.emag_trace = None
-        check_guidance_scale(guidance_scale)
-        check_count("num_inference_steps", num_inference_steps, "the number of sampling steps")
-        check_count("num_videos_per_prompt", num_videos_per_prompt, "videos generated per prompt")
-        check_count("num_frames", num_frames, "frames of the video")
-        check_options(batching, combine_space, fast)
+        base_args = base_arguments(locals())
+        counts = {"num_videos_per_prompt": (num_videos_per_prompt, "videos generated per prompt")}
+        counts["num_inference_steps"] = (num_inference_steps, "the number of sampling steps")
+        counts["num_frames"] = (num_frames, "frames of the video")
+        self._begin_call(guided=emag is not None or guidance is not None, on_step_outputs=on_step_outputs,
+                         batching=batching, combine_space=combine_space, fast=fast, guidance_scale=guidance_scale,
+                         counts=counts)
         if emag is None and guidance is None:
-            if on_step_outputs is not None:
-                raise ValueError("on_step_outputs observes the guidance engine: give guidance=[...] (e.g. "
-                                 "[emag.CFG(5.0)] for plain CFG).")
             return super().__call__(**base_args)
 
         # -- everything is checked before any expensive work ----------------------------------------
@@ -110,7 +103,7 @@ class WanEMAGPipeline(GuidedPipeline, WanPipeline):
         device = self._execution_device
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        contexts = self._contexts(timesteps)
+        contexts = flow_contexts(self.scheduler, timesteps)
         samples = batch_size * num_videos_per_prompt
         setup = self._guided_setup(terms, guidance_scale, num_steps=len(timesteps), batch_size=samples, device=device,
                                    fast=fast)
@@ -159,14 +152,6 @@ class WanEMAGPipeline(GuidedPipeline, WanPipeline):
         if not return_dict:
             return (video,)
         return WanPipelineOutput(frames=video)
-
-    def _contexts(self, timesteps) -> list[StepContext]:
-        """Each step's position and flow-matching noise level (the scheduler's sigma) for the terms."""
-        contexts = []
-        for i, t in enumerate(timesteps):
-            param = FlowMatching(float(self.scheduler.sigmas[i]))
-            contexts.append(StepContext(i, len(timesteps), float(t), param.sigma_edm, param))
-        return contexts
 
     def decode_latents(self, latents, unit: bool = True):
         """Videos ``[B, 3, F, H, W]`` from latents (or x0 predictions): in [0, 1] (``unit``), else the VAE's
