@@ -92,3 +92,19 @@ def test_no_other_module_names_a_family():
             elif isinstance(node, ast.alias) and node.name in records:
                 offenders.append(f"{rel}: imports {node.name}")
     assert offenders == []
+
+
+def test_emag_models_lists_what_each_record_says():
+    from click.testing import CliRunner
+
+    from emag.cli import cli
+
+    r = CliRunner().invoke(cli, ["models"])
+    assert r.exit_code == 0, r.output
+    for family in FAMILIES.values():
+        assert f"{family.name} ({family.label}): {family.transformer_class}" in r.output
+        for method in family.undefined_methods:
+            assert f"not defined: {method} (" in r.output
+    assert "double = transformer_blocks[i].attn (text first joint" in r.output
+    assert "single = single_transformer_blocks[i].attn" in r.output
+    assert "linear attention, untouched: attn2" in r.output  # Sana

@@ -385,3 +385,16 @@ def tiny_flux_text_pipeline(folder, seed: int = 0) -> FluxPipeline:
     return FluxPipeline(transformer=tiny_flux_transformer(seed=seed), scheduler=FlowMatchEulerDiscreteScheduler(
         shift=3.0, use_dynamic_shifting=True), vae=tiny_vae(4, seed), text_encoder=clip, tokenizer=tok,
         text_encoder_2=t5, tokenizer_2=tok2)
+
+
+def tiny_pixart_text_pipeline(folder, seed: int = 0, sample_size: int = 32):
+    """A tiny PixArt-Σ pipeline with a real (tiny) T5 tokenizer and encoder; ``sample_size`` 32 has
+    diffusers' 256 px resolution bins."""
+    import os
+
+    from diffusers import DPMSolverMultistepScheduler
+
+    tok, t5 = tiny_t5(os.path.join(str(folder), "_t5"), seed + 1)
+    return PixArtSigmaPipeline(transformer=tiny_pixart_transformer(6, seed, sample_size=sample_size),
+                               scheduler=DPMSolverMultistepScheduler(), vae=tiny_vae(4, seed, sd3=False),
+                               text_encoder=t5, tokenizer=tok)

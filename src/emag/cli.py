@@ -453,6 +453,13 @@ def _layer_defaults(method: str) -> dict[str, str]:
     return out
 
 
+@cli.command("models")
+def models_cmd() -> None:
+    """List the model families: block lists, attention, positions, prediction, what is not defined."""
+    for fam in FAMILIES.values():
+        click.echo("\n".join(fam.describe()))
+
+
 @cli.command("presets")
 def presets_cmd() -> None:
     """List the presets and where their numbers come from."""

@@ -281,8 +281,8 @@ def _plan_prompts(plan: GenerationPlan, m: ModelFacts, prompts, negative_prompt,
     plan.height = native if height is None else height
     plan.width = native if width is None else width
     mult, vsf = m.vae_scale_factor * m.patch, m.vae_scale_factor
-    # absolute position embeddings bound the size; rotary ones (Flux) do not
-    max_latent = None if m.family.rope else \
+    # absolute position embeddings bound the size; rotary ones (Flux) or none (Sana) do not
+    max_latent = None if m.family.positions else \
         int(m.transformer.get("pos_embed_max_size") or m.transformer.get("sample_size", 64)) * m.patch
     for name, v in (("height", plan.height), ("width", plan.width)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0 or v % mult:

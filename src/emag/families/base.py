@@ -58,6 +58,8 @@ class BlockList:
     attention_attr: str
     token_layout: str
     count_key: str = "num_layers"  # the transformer config's entry giving the list's length
+    # the block's other attention modules, which edits never touch (cross-attention; SD3.5's attn2)
+    untouched: tuple[str, ...] = ()
     # "softmax": the module calls torch's fused attention (edits intercept it); "linear": a kernelised
     # linear attention with no attention map (Sana): only edits of the queries are defined
     attention: str = "softmax"
@@ -124,10 +126,12 @@ class ModelFamily:
     undefined_methods: Mapping[str, str] = field(default_factory=dict)
     # the pipeline's ``guidance_scale`` is an embedded (distilled) guidance, not CFG (Flux.1-dev)
     distilled_guidance: bool = False
-    # how positions enter attention: None for absolute (sin-cos) embeddings added to the patch tokens, else
-    # how rotary embeddings are applied (to Q and K before the fused call: edits see rotated Q and K)
-    rope: str | None = None
+    # how positions enter attention: None for absolute (sin-cos) embeddings added to the patch tokens (they
+    # bound the image size), else how (rotary on Q and K before the fused call: edits see rotated Q and K)
+    positions: str | None = None
     packing: int = 1  # latent pixels per token side beyond the transformer's patch size (Flux packs 2 x 2)
+    # where a QK-norm sits relative to the edits (None: the family's models have none)
+    qk_norm: str | None = None
     video: bool = False  # latents [B, C, F, H, W] (frames x height x width tokens)
     # the text condition's fields in diffusers' modular pipeline's guider inputs (emag.EMAGGuider)
     guider_inputs: Mapping[str, str] = field(default_factory=dict)
@@ -268,6 +272,21 @@ class ModelFamily:
             raise ValueError(f"Layer(s) {bad} out of range: {self.transformer_class} has {total} transformer blocks "
                              f"(valid indices 0-{total - 1}).")
         return tuple(sorted(set(layers)))
+
+    def describe(self) -> list[str]:
+        """What the record says, line by line (``emag models``)."""
+        lists = "; ".join(f"{b.name} = {b.attr}[i].{b.attention_attr} ({b.token_layout.replace('_', ' ')}, "
+                          f"{b.attention} attention{', untouched: ' + ', '.join(b.untouched) if b.untouched else ''})"
+                          for b in self.block_lists)
+        named = " (layers name their list: 'list:index')" if len(self.block_lists) > 1 else ""
+        return [f"{self.name} ({self.label}): {self.transformer_class}, emag.{self.pipeline.rsplit(':', 1)[1]}",
+                f"    blocks: {lists}; reference model: {self.reference_blocks}{named}",
+                f"    positions: {self.positions or 'absolute embeddings added to the patch tokens'}; QK-norm: "
+                f"{self.qk_norm or 'none'}",
+                f"    prediction: {self.prediction}; conditioning: {self.conditioning}"
+                f"{' (guidance-distilled: guidance_scale is an embedding)' if self.distilled_guidance else ''}; "
+                f"normal pass rows: {' ; '.join(self.normal_order)}{'; video' if self.video else ''}",
+                *(f"    not defined: {m} ({why})" for m, why in self.undefined_methods.items())]
 
     def _lists_text(self, counts: tuple[int, ...]) -> list[str]:
         return [f"{b.name}: {n} blocks" for b, n in zip(self.block_lists, counts)]

@@ -40,8 +40,9 @@ FLUX = ModelFamily(
     prediction="flow", conditioning="text", normal_order=("cond", "uncond"), reference_blocks=(19, 38),
     emag_protocol="perturbed-pass",  # the flow-matching (SD3) protocol; no Flux reference exists
     distilled_guidance=True,
-    rope="3-axis rotary (text ids 0, image ids (0, row, col)) on Q and K after QK-norm, before the fused call",
+    positions="3-axis rotary (text ids 0, image ids (0, row, col)) on Q and K after QK-norm, before the fused call",
     packing=2,
+    qk_norm="RMS on image and text Q / K, before RoPE and the fused call (edits see normed, rotated Q / K)",
     hub_models={"black-forest-labs/FLUX.1-dev": True, "black-forest-labs/FLUX.1-schnell": False},
     defaults={
         # EMAG: this project's choice (no published Flux setting): SD3's scale, float16 EMA and windows,

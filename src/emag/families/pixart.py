@@ -26,7 +26,7 @@ PIXART = ModelFamily(
     name="pixart", label="PixArt", transformer_class="PixArtTransformer2DModel",
     pipeline_classes=("PixArtSigmaPipeline", "PixArtAlphaPipeline", "PixArtSigmaEMAGPipeline"),
     pipeline="emag.pipelines.pixart:PixArtSigmaEMAGPipeline", backbone="emag.families.pixart:PixArtBackbone",
-    block_lists=(BlockList("blocks", "transformer_blocks", "attn1", "image_only"),),
+    block_lists=(BlockList("blocks", "transformer_blocks", "attn1", "image_only", untouched=("attn2",)),),
     scale_queries_first=False,
     prediction="epsilon", conditioning="text", normal_order=("uncond", "cond"), reference_blocks=28,
     emag_protocol="perturbed-pass",  # the text-to-image reference's protocol (SD3); no PixArt reference exists

@@ -31,7 +31,10 @@ SANA = ModelFamily(
     name="sana", label="Sana", transformer_class="SanaTransformer2DModel",
     pipeline_classes=("SanaPipeline", "SanaEMAGPipeline"),
     pipeline="emag.pipelines.sana:SanaEMAGPipeline", backbone="emag.families.sana:SanaBackbone",
-    block_lists=(BlockList("blocks", "transformer_blocks", "attn1", "image_only", attention="linear"),),
+    block_lists=(BlockList("blocks", "transformer_blocks", "attn1", "image_only", attention="linear",
+                       untouched=("attn2",)),),
+    qk_norm="Sana 1.5: RMS on Q / K before the kernels (query edits see normed Q)",
+    positions="none added to the tokens (the Mix-FFN's depthwise convolution carries position)",
     scale_queries_first=False,
     prediction="flow", conditioning="text", normal_order=("uncond", "cond"), reference_blocks=20,
     emag_protocol="perturbed-pass",  # the flow-matching text-to-image protocol (SD3); no Sana reference exists

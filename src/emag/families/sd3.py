@@ -24,7 +24,8 @@ SD3 = ModelFamily(
     name="sd3", label="SD3", transformer_class="SD3Transformer2DModel",
     pipeline_classes=("StableDiffusion3Pipeline", "StableDiffusion3EMAGPipeline"),
     pipeline="emag.pipelines.sd3:StableDiffusion3EMAGPipeline", backbone="emag.families.sd3:SD3Backbone",
-    block_lists=(BlockList("blocks", "transformer_blocks", "attn", "image_first_joint"),),
+    block_lists=(BlockList("blocks", "transformer_blocks", "attn", "image_first_joint", untouched=("attn2",)),),
+    qk_norm="SD3.5: RMS on image and text Q / K, applied before the fused call (edits see normed Q / K)",
     scale_queries_first=False,  # the reference scales the logits after Q K^T
     prediction="flow", conditioning="text", normal_order=("uncond", "cond"), reference_blocks=24,
     emag_protocol="perturbed-pass",  # the EMAG reference's SD3 pipeline (docs/method.md)
