@@ -164,12 +164,27 @@ def test_save_and_load_from_disk(tmp_path):
     assert torch.equal(call(loaded, guidance=terms), call(pipe, guidance=terms))
 
 
-def test_the_command_line_refuses_a_video_model_clearly(tmp_path):
+def test_the_command_line_generates_a_video_as_an_animated_png(tmp_path):
     from click.testing import CliRunner
+    from PIL import Image
 
     from emag.cli import cli
+    from emag.io import read_png_params
+    from tiny_models import tiny_wan_text_pipeline
 
-    tiny_wan_pipeline().save_pretrained(tmp_path / "model")
-    r = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "model"), "--prompt", "a cat",
-                                 "--out", str(tmp_path / "out")])
-    assert r.exit_code != 0 and "video model" in r.output and "emag.WanEMAGPipeline" in r.output
+    tiny_wan_text_pipeline(tmp_path / "build").save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    args = ["--model", str(tmp_path / "model"), "--prompt", "a cat", "--method", "cfg,emag", "--variant", "q",
+            "--layers", "1-3", "--steps", "3", "--height", "32", "--width", "48", "--num-frames", "9"]
+    r = CliRunner().invoke(cli, ["generate", *args, "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    path = out / "00000_seed0.png"
+    meta = read_png_params(path)
+    assert meta["family"] == "wan" and meta["num_frames"] == 9 and meta["emag"]["variant"] == "q"
+    with Image.open(path) as im:
+        assert im.n_frames == 9 and im.size == (48, 32)
+    r = CliRunner().invoke(cli, ["generate", *args, "--out", str(out)])  # resumed, not redone
+    assert r.exit_code == 0 and "resumed" in r.output
+    r = CliRunner().invoke(cli, ["sample", "--protocol", "prompts", "--model", str(tmp_path / "model"),
+                                 "--out", str(tmp_path / "s")])
+    assert r.exit_code != 0 and "video model" in r.output

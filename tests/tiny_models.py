@@ -398,3 +398,13 @@ def tiny_pixart_text_pipeline(folder, seed: int = 0, sample_size: int = 32):
     return PixArtSigmaPipeline(transformer=tiny_pixart_transformer(6, seed, sample_size=sample_size),
                                scheduler=DPMSolverMultistepScheduler(), vae=tiny_vae(4, seed, sd3=False),
                                text_encoder=t5, tokenizer=tok)
+
+
+def tiny_wan_text_pipeline(folder, seed: int = 0):
+    """A tiny Wan 2.1 pipeline with a real (tiny) T5 tokenizer and encoder (umT5's interface)."""
+    import os
+
+    pipe = tiny_wan_pipeline(seed)
+    tok, t5 = tiny_t5(os.path.join(str(folder), "_t5"), seed + 1)
+    pipe.register_modules(text_encoder=t5, tokenizer=tok)
+    return pipe

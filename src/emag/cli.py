@@ -116,6 +116,8 @@ _GUIDANCE_OPTIONS = [
     click.option("--height", type=click.IntRange(min=1), default=None, help="Image height (SD3)."),
     click.option("--width", type=click.IntRange(min=1), default=None, help="Image width (SD3)."),
     click.option("--sampler", type=click.Choice(["default", "ddpm-250"]), default=None, help="DiT sampler."),
+    click.option("--num-frames", type=click.IntRange(min=1), default=None,
+                 help="Video models (Wan): frames per video (default 81), saved as an animated PNG."),
     click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", show_default=True),
     click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda."),
     click.option("--threads", type=click.IntRange(min=1), default=None,
@@ -129,7 +131,7 @@ _GUIDANCE_OPTIONS = [
 def _plan_kwargs(preset, method, params, scale, layers, beta, blend, variant, rows, selection, per_sample,
                  combination, ema_dtype, ema_storage, batching, explicit_attention, straightforward, guided_channels,
                  ema_window, apply_window, guidance_scale, steps, height, width, sampler, dtype, device, threads,
-                 download, negative_prompt) -> dict:
+                 download, negative_prompt, num_frames=None) -> dict:
     """The keyword arguments of :func:`emag.generate.plan_generation` from the shared options."""
     overrides = {k: v for k, v in dict(
         scale=scale, layers=layers, beta=beta, blend=blend, variant=variant, rows=rows, selection=selection,
@@ -147,7 +149,8 @@ def _plan_kwargs(preset, method, params, scale, layers, beta, blend, variant, ro
     return dict(negative_prompt=negative_prompt, preset=preset, method=method, emag_overrides=overrides,
                 method_params=method_params, guidance_scale=guidance_scale, num_inference_steps=steps, height=height,
                 width=width, sampler=sampler, dtype=dtype, device=device, allow_download=download, batching=batching,
-                fast=not straightforward, threads=threads)
+                fast=not straightforward, threads=threads,
+                **({"num_frames": num_frames} if num_frames is not None else {}))
 
 
 @cli.command(epilog=EXAMPLES)
@@ -198,7 +201,7 @@ def generate(model, prompts, class_labels, seed, num_images, out_dir, overwrite,
                     resumed += 1
                 else:
                     save_png(image, path, params)
-                rows.setdefault(str(params["condition"]), []).append(image)
+                rows.setdefault(str(params["condition"]), []).append(image[0] if isinstance(image, list) else image)
                 click.echo(str(path))
                 bar.update(1)
         except (ValueError, MissingWeightsError) as exc:  # e.g. a model that does not load
@@ -364,6 +367,8 @@ def negatives_cmd(model, prompt, class_label, seed, at, out_dir, **options):
     try:
         plan = plan_generation(model, prompts=[prompt] if prompt else [], seed=seed, num_images=1,
                                class_labels=[class_label] if class_label is not None else [], **_plan_kwargs(**options))
+        if plan.num_frames is not None:
+            raise ValueError(f"`emag negatives` draws images; {plan.model} is a {plan.family.label} video model.")
         n = plan.num_inference_steps
         steps = sorted({round(i * (n - 1) / 3) for i in range(4)}) if at is None else _steps(at, n)
     except (MissingWeightsError, ValueError, TypeError) as exc:

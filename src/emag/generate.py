@@ -79,6 +79,7 @@ class GenerationPlan:
     batching: str = "normal"
     fast: bool = True
     resolved_emag: dict[str, Any] | None = None
+    num_frames: int | None = None  # video models: frames per video (None for image models)
     threads: int | None = None  # torch CPU threads for the run (None: torch's setting); see emag.threads
     threads_reason: str = ""
 
@@ -109,8 +110,9 @@ class ModelFacts:
 
     @property
     def patch(self) -> int:
-        """Latent pixels per token side (the transformer's patch size, times the family's packing)."""
-        return int(self.transformer.get("patch_size", 2)) * self.family.packing
+        """Latent pixels per token side (the transformer's spatial patch size, times the family's packing)."""
+        patch = self.transformer.get("patch_size", 2)
+        return int(patch[-1] if isinstance(patch, (list, tuple)) else patch) * self.family.packing
 
     @property
     def num_classes(self) -> int:
@@ -134,9 +136,6 @@ def model_facts(model: str | None, allow_download: bool = False) -> ModelFacts:
     family = model_family(folder)
     check_snapshot(folder)
     vae = read_model_index(folder).get("vae")
-    if family.video:
-        raise ValueError(f"{name} is a {family.label} video model: `emag generate` and `emag sample` write images. Use "
-                         f"the Python API (emag.{family.pipeline.rsplit(':', 1)[1]}, docs/models.md).")
     vsf = 1
     if vae and vae[0] is not None:  # AutoencoderKL: block_out_channels; Sana's DC-AE: encoder_block_out_channels
         config = read_component_config(folder, "vae")
@@ -201,6 +200,7 @@ def plan_generation(
     batching: str = "normal",
     fast: bool = True,
     threads: int | None = None,
+    num_frames: int | None = None,
 ) -> GenerationPlan:
     """Check a generation request against the model's configs; no weights are loaded. ``model``: a folder
     or hub id (None: the bundled digits model); the rest as the command line's options."""
@@ -222,6 +222,11 @@ def plan_generation(
         resolved_emag=None if emag is None else resolve(emag, m.family, m.block_counts).to_dict(),
     )
     check_count("num_inference_steps", plan.num_inference_steps, "the number of sampling steps, --steps")
+    if m.family.video:
+        plan.num_frames = check_count("num_frames", 81 if num_frames is None else num_frames,
+                                      "frames per video, --num-frames")
+    elif num_frames is not None:
+        raise ValueError(f"--num-frames is for video models; {m.name} is a {m.family.label} image model.")
     if m.family.text_conditioned:
         _plan_prompts(plan, m, prompts, negative_prompt, class_labels, height, width, sampler)
     else:
@@ -400,6 +405,7 @@ def job_params(plan: GenerationPlan, index: int) -> dict[str, Any]:
         "height": plan.height, "width": plan.width, "sampler": plan.sampler, "dtype": plan.dtype,
         "batching": plan.batching, "fast": plan.fast,
         "emag": plan.resolved_emag, "guidance": plan.term_params, "versions": _versions(),
+        **({"num_frames": plan.num_frames} if plan.num_frames is not None else {}),
     }
 
 
@@ -463,6 +469,8 @@ def run_job(pipe, plan: GenerationPlan, conditions: list, generator, **call_opti
     go to the pipeline (e.g. ``on_step_outputs``, ``noise_layout``)."""
     common = dict(num_inference_steps=plan.num_inference_steps, guidance_scale=plan.guidance_scale,
                   generator=generator, guidance=plan.terms, batching=plan.batching, fast=plan.fast, **call_options)
+    if plan.num_frames is not None:  # a video model
+        common.update(num_frames=plan.num_frames, output_type=call_options.get("output_type", "pil"))
     if plan.family.text_conditioned:
         negative = None if plan.negative_prompt is None else [plan.negative_prompt] * len(conditions)
         return pipe(prompt=list(conditions), negative_prompt=negative, height=plan.height, width=plan.width,
@@ -483,7 +491,7 @@ def prepare_pipeline(plan: GenerationPlan, pipe=None, quiet: bool = False, devic
 
 
 def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[int, Any, dict[str, Any], bool]]:
-    """Yield ``(index, PIL image, params, resumed)`` for every job, loading the pipeline (unless given)
+    """Yield ``(index, PIL image (a list of frames for a video model), params, resumed)`` for every job, loading the pipeline (unless given)
     only if some job has to run. With ``out_dir``, a job whose image is already there with the same
     parameters is not run again (``resumed`` True): an interrupted run picks up where it stopped."""
     ready = False
@@ -502,7 +510,7 @@ def generate(plan: GenerationPlan, pipe=None, out_dir=None) -> Iterator[tuple[in
         emag_run = next((r for r in getattr(pipe, "guidance_runtimes", None) or [] if r.name == "emag"), None)
         if emag_run is not None and params["emag"] is not None:
             params["emag"] = {**params["emag"], **emag_run.run_record()}  # e.g. the storage "auto" chose
-        yield index, out.images[0], params, False
+        yield index, out.frames[0] if plan.num_frames is not None else out.images[0], params, False
 
 
 __all__ = ["GenerationPlan", "ModelFacts", "check_output_folder", "finished_image", "generate", "job_params", "model_facts",

@@ -30,8 +30,10 @@ def atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]) -> Path:
-    """Save ``image`` with ``params`` as JSON in the PNG text chunk ``emag`` and in ``<name>.json``.
+def save_png(image: Image.Image | list[Image.Image], path: str | os.PathLike, params: dict[str, Any],
+             fps: float = 16.0) -> Path:
+    """Save ``image`` with ``params`` as JSON in the PNG text chunk ``emag`` and in ``<name>.json``; a list
+    of frames (a video) is saved as one animated PNG at ``fps``.
 
     The sidecar is written first and the PNG last: a PNG marks a finished image (a resumed run keeps it
     and repairs its sidecar if an interruption lost it, see ``repair_sidecar``)."""
@@ -40,7 +42,12 @@ def save_png(image: Image.Image, path: str | os.PathLike, params: dict[str, Any]
     info = PngInfo()
     info.add_text(METADATA_KEY, text)
     write_sidecar(path, params)
-    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    if isinstance(image, (list, tuple)):
+        first, rest = image[0], list(image[1:])
+        atomic_write(path, lambda tmp: first.save(tmp, format="PNG", pnginfo=info, save_all=True, append_images=rest,
+                                                  duration=round(1000 / fps), loop=0))
+    else:
+        atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
     return path
 
 

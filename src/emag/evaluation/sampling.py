@@ -63,6 +63,9 @@ def plan_sampling(model: str | None, protocol: str, *, source: str | None = None
     if protocol != "digits" and model is None:
         raise ValueError(f"The {protocol} protocol needs --model (the bundled model is for --protocol digits).")
     facts = model_facts(model, generation.get("allow_download", False))
+    if facts.family.video:
+        raise ValueError(f"{facts.name} is a {facts.family.label} video model; the evaluation protocols score images "
+                         "(use `emag generate --num-frames N` for videos).")
     text_protocol = protocol in ("coco2014", "prompts")
     if protocol in ("coco2014", "prompts", "imagenet") and text_protocol != facts.family.text_conditioned:
         kind = "text-conditioned" if text_protocol else "class-conditional"
