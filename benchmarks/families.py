@@ -218,7 +218,14 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     cuda = args.device.startswith("cuda")
     rows = []
-    for name in args.family:
+    where = "no compute: shapes only" if args.device == "meta" else "real compute, random weights"
+    gpu = f"; {torch.cuda.get_device_name()}" if cuda else ""
+    print(f"# transformer only, {args.dtype} on {args.device} ({where}); torch {torch.__version__}{gpu}")
+    print("# baseline: CFG at the preset's scale; flux-dev (guidance-distilled): the conditional pass alone")
+    print("| family | steps | method | peak GiB | x baseline | EMA storage | EMA GiB | block-rows x baseline |"
+          + (" s / image | time x baseline |" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""), flush=True)
+    for name in args.family:  # one family at a time; its rows are printed as soon as they are done
         pipe = build(name, args.device, dtype)
         if args.device == "meta":
             keep_timesteps_on_cpu(pipe.scheduler)
@@ -237,7 +244,7 @@ def main(argv=None) -> int:
         base = results["baseline"][0]
         for method, rs in results.items():
             r = rs[0]
-            rows.append(dict(
+            row = dict(
                 family=name, steps=steps, method=method, weights_gib=weights / GiB,
                 peak_gib=(weights + max(x["peak_bytes"] for x in rs)) / GiB,
                 ratio_to_baseline=(weights + r["peak_bytes"]) / (weights + base["peak_bytes"]),
@@ -245,22 +252,15 @@ def main(argv=None) -> int:
                 storage=r["storage"],
                 seconds=statistics.median(x["seconds"] for x in rs) if cuda else None,
                 time_ratio=(statistics.median(x["seconds"] for x in rs)
-                            / statistics.median(x["seconds"] for x in results["baseline"])) if cuda else None))
+                            / statistics.median(x["seconds"] for x in results["baseline"])) if cuda else None)
+            rows.append(row)
+            state = "-" if row["ema_state_gib"] is None else f"{row['ema_state_gib']:.3f}"
+            line = (f"| {name} | {steps} | {method} | {row['peak_gib']:.2f} | {row['ratio_to_baseline']:.2f} | "
+                    f"{row['storage'] or '-'} | {state} | {row['block_rows_ratio']:.3f} |")
+            if cuda:
+                line += f" {row['seconds']:.2f} | {row['time_ratio']:.2f} |"
+            print(line, flush=True)
         del pipe
-    where = "no compute: shapes only" if args.device == "meta" else "real compute, random weights"
-    gpu = f"; {torch.cuda.get_device_name()}" if cuda else ""
-    print(f"# transformer only, {args.dtype} on {args.device} ({where}); torch {torch.__version__}{gpu}")
-    print("# baseline: CFG at the preset's scale; flux-dev (guidance-distilled): the conditional pass alone")
-    print("| family | steps | method | peak GiB | x baseline | EMA storage | EMA GiB | block-rows x baseline |"
-          + (" s / image | time x baseline |" if cuda else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|" if cuda else ""))
-    for r in rows:
-        state = "-" if r["ema_state_gib"] is None else f"{r['ema_state_gib']:.3f}"
-        line = (f"| {r['family']} | {r['steps']} | {r['method']} | {r['peak_gib']:.2f} | {r['ratio_to_baseline']:.2f} | "
-                f"{r['storage'] or '-'} | {state} | {r['block_rows_ratio']:.3f} |")
-        if cuda:
-            line += f" {r['seconds']:.2f} | {r['time_ratio']:.2f} |"
-        print(line)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"argv": sys.argv, "rows": rows}, f, indent=2)

@@ -18,7 +18,8 @@ PACKAGE = "emag"
 # imports that may stay inside functions: optional or heavy dependencies that only some calls need
 ALLOWED_INNER = {"sklearn.datasets", "matplotlib", "matplotlib.pyplot",  # optional: emag[eval]
                  "torch_fidelity.feature_extractor_inceptionv3", "torch_fidelity.metric_isc", "torch_fidelity.metric_kid",
-                 "open_clip", "torchvision"}
+                 "open_clip", "torchvision",
+                 "gradio"}  # optional: emag[demo]
 
 
 def module_name(path: Path) -> str:

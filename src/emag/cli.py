@@ -11,6 +11,8 @@ import click
 import torch
 from tqdm.auto import tqdm
 
+from .demo.app import gradio, launch
+from .demo.session import DemoSession
 from .dtypes import MODEL_DTYPES
 from .engine import BATCHING
 from .evaluation import PROTOCOLS, FolderError, plan_sampling, process_group, run_sampling
@@ -422,6 +424,24 @@ def _out_error(out: Path, exc: OSError) -> str:
         why = f"{exc.strerror or exc} ({where})"
     return (f"--out {out}: cannot write the images there: {why}. --out takes a folder that exists or can be "
             "created, and that is writable.")
+
+
+@cli.command("demo")
+@click.option("--model", "model", default=None, metavar="PATH|HUB_ID",
+              help="Local diffusers folder or hub id (default: the bundled digits DiT, offline).")
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cuda.")
+@click.option("--dtype", type=click.Choice(MODEL_DTYPES), default="float32", show_default=True)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=7860, show_default=True)
+@click.option("--share", is_flag=True, default=False, help="Also make a public gradio.live link (off by default).")
+def demo_cmd(model, device, dtype, port, share) -> None:
+    """A local web page comparing guidance methods side by side on the same noise (needs emag[demo])."""
+    try:
+        gradio()  # the optional demo extra
+        session = DemoSession(model, device=device, dtype=dtype)
+    except (ImportError, MissingWeightsError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"emag demo: {session.facts.name} ({session.family.label}) on http://127.0.0.1:{port}/", err=True)
+    launch(session, port=port, share=share)
 
 
 @cli.command("methods")

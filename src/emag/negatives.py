@@ -122,8 +122,9 @@ def trace_rows(trace) -> list[dict[str, Any]]:
     return rows
 
 
-def choice_plot(rows: list[dict[str, Any]], stem: str | Path) -> list[Path]:
-    """EMAG's score of each candidate block per step (lines) and the block it chose (stars), as PNG and SVG."""
+def choice_figure(rows: list[dict[str, Any]], title: str | None = None):
+    """EMAG's score of each candidate block per step (lines) and the block it chose (stars): a matplotlib
+    figure (the caller closes it)."""
     try:
         import matplotlib
     except ImportError:
@@ -140,12 +141,22 @@ def choice_plot(rows: list[dict[str, Any]], stem: str | Path) -> list[Path]:
         top.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"block {layer}")
     top.set_ylabel("score mean |E - R|")
     top.legend(fontsize=8)
+    if title:
+        top.set_title(title, fontsize=9)
     chosen = [(r["step"], b) for r in rows if r["apply"] for b in r["chosen"]]
     bottom.scatter([c[0] for c in chosen], [c[1] for c in chosen], marker="*", s=80)
     bottom.set_yticks(layers)
     bottom.set_ylabel("chosen block")
     bottom.set_xlabel("step")
     fig.tight_layout()
+    return fig
+
+
+def choice_plot(rows: list[dict[str, Any]], stem: str | Path) -> list[Path]:
+    """:func:`choice_figure` saved as PNG and SVG."""
+    fig = choice_figure(rows)  # checks that matplotlib is there
+    import matplotlib.pyplot as plt
+
     out = []
     for ext in ("png", "svg"):
         p = Path(f"{stem}.{ext}")
