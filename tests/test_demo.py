@@ -147,7 +147,8 @@ def test_the_page_in_a_real_browser(session):
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_selector("#configs textarea")
             page.get_by_role("button", name="CFG, EMAG and perturbations").click()  # a preset, one click
-            assert "CFG 3 + PAG 3" in page.input_value("#configs textarea")
+            page.wait_for_function("document.querySelector('#configs textarea').value.includes('CFG 3 + PAG 3')",
+                                   timeout=30_000)
             page.fill("#configs textarea", "CFG 3\nCFG 3 + EMAG 2\nCFG 3 + PAG 3")
             page.click("#run")
             page.wait_for_function("document.querySelectorAll('#images img').length >= 3", timeout=180_000)
