@@ -66,19 +66,32 @@ class IdentityAttention(AttentionEdit):
 
     On MMDiT joint attention (SD3, image tokens first) the image->image block becomes the identity while
     image queries still see every text key and text queries are untouched, as diffusers' SD3 PAG
-    pipeline does; on plain self-attention (DiT) the output is exactly ``V``. Applied as an additive
-    ``-inf`` mask to the fused attention, after any QK-norm (SD3.5).
+    pipeline does; on plain self-attention (DiT, PixArt, Wan) the output is exactly ``V``, which is what
+    it returns there (no ``N x N`` mask: 2 GB at Wan's 32,760 video tokens). On joint attention it is an
+    additive ``-inf`` mask on the fused attention, after any QK-norm (SD3.5) and RoPE (Flux).
     """
 
     uses_mask = True
+    edits_output = True  # plain self-attention: the output is V itself (no N x N mask at video sizes)
 
-    def mask(self, q: Tensor, k: Tensor, info) -> Tensor:
+    @staticmethod
+    def _self_only(q: Tensor, k: Tensor, info) -> bool:
+        return q.shape[2] == k.shape[2] == info.num_image_tokens
+
+    def mask(self, q: Tensor, k: Tensor, info) -> Tensor | None:
+        if self._self_only(q, k, info):  # the identity map's output is V: see output()
+            return None
         nq, nk, n = q.shape[2], k.shape[2], info.num_image_tokens
         m = torch.zeros(nq, nk, dtype=q.dtype, device=q.device)
         block = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device)
         block.fill_diagonal_(0.0)
         m[:n, :n] = block
         return m[None, None]
+
+    def output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, info, rows, sdpa) -> Tensor:
+        """Plain self-attention: the identity map gives exactly ``V`` (each row's one weight is exp(0) / exp(0)
+        = 1); joint attention keeps the masked call's output."""
+        return v.to(out.dtype).clone() if self._self_only(q, k, info) else out
 
 
 class SkipBlock(BlockEdit):
