@@ -187,6 +187,7 @@ def test_pag_leaves_the_text_rows_of_the_attention_untouched():
 
 @pytest.mark.parametrize("term", [emag.SEG(2.0, layers="double:1"), emag.SAG(0.5, layers="single:1"),
                                   emag.SLG(2.0, layers="single:0-1", window=(0, 1)), emag.STG(2.0, layers="double:2"),
+                                  emag.STG(2.0, layers="single:2", mode="attention"),
                                   emag.TPG(2.0, layers="double:1"), emag.ERG(2.0, layers="double:0-1"),
                                   emag.S2(2.0)])
 def test_the_perturbation_methods_run_on_a_non_square_flux_image(term):
@@ -234,3 +235,12 @@ def test_the_command_line_generates_with_flux_and_records_named_layers(tmp_path)
     r = CliRunner().invoke(cli, ["generate", "--model", str(tmp_path / "model"), "--prompt", "a cat", "--layers", "1",
                                  "--steps", "3", "--height", "32", "--width", "32", "--out", str(tmp_path / "bad")])
     assert r.exit_code != 0 and "name the list of each layer" in r.output
+
+
+def test_autoguidance_with_a_weaker_flux():
+    """A separate, shallower Flux of the same layout as the weak model: ``D_w + w (c - D_w)``."""
+    base, pipe = pipes()
+    weak = tiny_flux_transformer(num_layers=1, num_single_layers=1, seed=5)
+    out = call(pipe, guidance=[emag.Autoguidance(2.0, model=weak)])
+    assert torch.isfinite(out).all() and (out - call(base)).abs().max() > 1e-4
+    assert torch.equal(call(pipe, guidance=[emag.Autoguidance(1.0, model=weak)]), call(base))  # neutral

@@ -99,7 +99,7 @@ def test_pag_equals_an_independent_reference():
     assert (outputs[branch] - outputs["cond"]).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("term", [emag.SEG(2.0), emag.SAG(0.5), emag.SLG(2.0, window=(0, 1)), emag.STG(2.0),
+@pytest.mark.parametrize("term", [emag.SEG(2.0), emag.SAG(0.5), emag.SLG(2.0, window=(0, 1)), emag.STG(2.0), emag.STG(2.0, mode="attention"),
                                   emag.TPG(2.0), emag.ERG(2.0), emag.S2(2.0), emag.APG(3.0, norm_threshold=5.0)])
 def test_the_methods_run_on_a_non_square_image(term):
     base, pipe = pipes()
@@ -136,3 +136,19 @@ def test_the_command_line_generates_with_pixart(tmp_path):
     meta = read_png_params(out / "00000_seed0.png")
     assert meta["family"] == "pixart" and meta["preset"] == "pixart-sigma" and meta["height"] == 64
     assert [t["method"] for t in meta["guidance"]] == ["CFG", "PAG"]
+
+
+@pytest.mark.parametrize("terms", [[emag.CFG(3.0), emag.CADS()], [emag.CFG(3.0), emag.EMAG(1.5, layers="1-3"),
+                                                                  emag.PAG(1.0, layers=4)]], ids=["cads", "emag+pag"])
+def test_more_compositions_run(terms):
+    base, pipe = pipes()
+    ref = call(base, guidance_scale=3.0)
+    out = call(pipe, guidance=terms)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
+
+
+def test_autoguidance_with_a_weaker_pixart():
+    base, pipe = pipes()
+    weak = tiny_pixart_transformer(num_layers=2, seed=5)
+    out = call(pipe, guidance=[emag.CFG(3.0), emag.Autoguidance(2.0, model=weak)])
+    assert torch.isfinite(out).all() and (out - call(base, guidance_scale=3.0)).abs().max() > 1e-4

@@ -152,3 +152,21 @@ def test_save_and_load_from_disk(tmp_path):
     loaded.set_progress_bar_config(disable=True)
     terms = [emag.CFG(3.0), emag.EMAG(1.5, layers="1-3", variant="q")]
     assert torch.equal(call(loaded, guidance=terms), call(pipe, guidance=terms))
+
+
+@pytest.mark.parametrize("terms", [[emag.APG(3.0, norm_threshold=5.0)], [emag.CFG(3.0), emag.CADS()],
+                                   [emag.CFGZeroStar(3.0)], [emag.CFG(3.0), emag.EMAG(2.0, layers="1-3", variant="q"),
+                                                            emag.SEG(1.0)]],
+                         ids=["apg", "cads", "cfg-zero-star", "emag-q+seg"])
+def test_the_unconditional_methods_run(terms):
+    base, pipe = pipes()
+    ref = call(base, guidance_scale=3.0)
+    out = call(pipe, guidance=terms)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
+
+
+def test_autoguidance_with_a_weaker_sana():
+    base, pipe = pipes()
+    weak = tiny_sana_transformer(num_layers=2, seed=5)
+    out = call(pipe, guidance=[emag.CFG(3.0), emag.Autoguidance(2.0, model=weak)])
+    assert torch.isfinite(out).all() and (out - call(base, guidance_scale=3.0)).abs().max() > 1e-4

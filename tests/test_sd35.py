@@ -177,3 +177,25 @@ def test_pag_equals_an_independent_reference(shape):
         attn.processor = original
     torch.testing.assert_close(outputs[branch], ref, rtol=1e-5, atol=1e-5)
     assert (outputs[branch] - outputs["cond"]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape", [MEDIUM, LARGE], ids=["medium", "large"])
+@pytest.mark.parametrize("term", [emag.SEG(2.0, layers=[2]), emag.SAG(0.5, layers=[2]), emag.ERG(2.0, layers=[1, 2]),
+                                  emag.S2(2.0), emag.SLG(2.0, layers=[2], window=(0, 1)), emag.STG(2.0, layers=[3]),
+                                  emag.STG(2.0, layers=[3], mode="attention"), emag.TPG(2.0, layers=[2]),
+                                  emag.APG(5.0, norm_threshold=3.0), emag.CADS(), emag.CFGZeroStar(5.0)],
+                         ids=lambda t: type(t).__name__ + ("-" + t.mode if isinstance(t, emag.STG) else ""))
+def test_the_other_methods_run_on_sd35_shapes(shape, term):
+    pipe = pipeline(**shape)
+    base = call(pipe, guidance_scale=5.0)
+    terms = [term] if term.is_base else [emag.CFG(5.0), term]
+    out = call(pipe, guidance=terms)
+    assert out.shape == base.shape and torch.isfinite(out).all() and (out - base).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("shape", [MEDIUM, LARGE], ids=["medium", "large"])
+def test_autoguidance_with_a_weaker_sd35(shape):
+    pipe = pipeline(**shape)
+    weak = tiny_sd3_transformer(num_layers=2, seed=5, **shape)
+    out = call(pipe, guidance=[emag.CFG(5.0), emag.Autoguidance(2.0, model=weak)])
+    assert torch.isfinite(out).all() and (out - call(pipe, guidance_scale=5.0)).abs().max() > 1e-4

@@ -137,7 +137,8 @@ def test_seg_blurs_video_queries_frame_by_frame(sigma):
     assert torch.equal(out[:, :, 60:], q[:, :, 60:])
 
 
-@pytest.mark.parametrize("term", [emag.SEG(2.0, sigma=1.0), emag.STG(2.0), emag.SLG(2.0, window=(0, 1)), emag.TPG(2.0),
+@pytest.mark.parametrize("term", [emag.SEG(2.0, sigma=1.0), emag.STG(2.0), emag.STG(2.0, mode="attention"), emag.SLG(2.0, window=(0, 1)),
+                                  emag.TPG(2.0),
                                   emag.ERG(2.0), emag.S2(2.0)])
 def test_the_methods_run_on_video(term):
     base, pipe = pipes()
@@ -188,3 +189,20 @@ def test_the_command_line_generates_a_video_as_an_animated_png(tmp_path):
     r = CliRunner().invoke(cli, ["sample", "--protocol", "prompts", "--model", str(tmp_path / "model"),
                                  "--out", str(tmp_path / "s")])
     assert r.exit_code != 0 and "video model" in r.output
+
+
+@pytest.mark.parametrize("terms", [[emag.APG(3.0, norm_threshold=5.0)], [emag.CFG(3.0), emag.CADS()],
+                                   [emag.CFGZeroStar(3.0)], [emag.CFG(3.0), emag.PAG(1.0), emag.EMAG(2.0, layers="1-3")]],
+                         ids=["apg", "cads", "cfg-zero-star", "emag+pag"])
+def test_the_unconditional_methods_run(terms):
+    base, pipe = pipes()
+    ref = call(base, guidance_scale=3.0)
+    out = call(pipe, guidance=terms)
+    assert out.shape == ref.shape and torch.isfinite(out).all() and (out - ref).abs().max() > 1e-4
+
+
+def test_autoguidance_with_a_weaker_wan():
+    base, pipe = pipes()
+    weak = tiny_wan_transformer(num_layers=2, seed=5)
+    out = call(pipe, guidance=[emag.CFG(3.0), emag.Autoguidance(2.0, model=weak)])
+    assert torch.isfinite(out).all() and (out - call(base, guidance_scale=3.0)).abs().max() > 1e-4
