@@ -258,7 +258,8 @@ class EditScope:
         """A ``[text ; image]`` sequence (Flux): the edits see it rotated to ``[image ; text]`` (the layout
         they are written for; attention is equivariant to a permutation of its tokens applied to queries,
         keys and values alike), and their groups' outputs are rotated back. The image tokens are the last
-        ``prod(grid)`` of the sequence; rows the edits leave alone keep the model's own call, bit for bit."""
+        ``prod(grid)`` of the sequence; rows the edits leave alone keep the model's own call, bit for bit, and
+        only the rows an edit modifies are computed on the rotated sequence."""
         q = a["query"]
         n = q.shape[2]
         n_img = math.prod(plan.grid) if plan.grid else 0
@@ -274,16 +275,20 @@ class EditScope:
             mask = mask.index_select(-2, perm) if mask.dim() >= 2 and mask.shape[-2] == n else mask
         rotated = dict(a, query=q.index_select(2, perm), key=a["key"].index_select(2, perm),
                        value=a["value"].index_select(2, perm), attn_mask=mask)
-        res = self._edited_call(call, sdpa, rotated, (), rotated, edited, plan, n_img)
+        res = self._edited_call(call, sdpa, rotated, (), rotated, edited, plan, n_img, rest=False)
+        modified = [g for g, edits in edited if any(e.modifies_output for e in edits)]
+        if sum(g.stop - g.start for g in modified) == q.shape[0]:  # every row edited: no fused call needed
+            return res.index_select(2, back)
         out = sdpa(*args, **kwargs)
-        for g, edits in edited:
-            if any(e.modifies_output for e in edits):
-                out[g.rows] = res[g.rows].index_select(2, back)
+        for g in modified:
+            out[g.rows] = res[g.rows].index_select(2, back)
         return out
 
     def _edited_call(self, call: AttentionCall, sdpa, a: dict, args: tuple, kwargs: dict, edited, plan,
-                     n_img: int) -> Tensor:
-        """The attention output of an intercepted call whose sequence leads with ``n_img`` image tokens."""
+                     n_img: int, rest: bool = True) -> Tensor | None:
+        """The attention output of an intercepted call whose sequence leads with ``n_img`` image tokens.
+        ``rest=False``: the caller has the rows no edit modifies already; they are left uncomputed (and
+        None is returned when no edit modifies any row)."""
         q, k, v = a["query"], a["key"], a["value"]
         scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
         info = AttentionInfo(call.layer, n_img, plan.grid, self.family, scale)
@@ -304,7 +309,10 @@ class EditScope:
                         seen.append(e)
                 if modifying:
                     q_new[g.rows] = qg
-            out = sdpa(q_new, k, v, attn_mask=a["attn_mask"], scale=a["scale"]) if modifying else sdpa(*args, **kwargs)
+            if modifying:
+                out = sdpa(q_new, k, v, attn_mask=a["attn_mask"], scale=a["scale"])
+            else:
+                out = sdpa(*args, **kwargs) if rest else None
             for g, edits in edited:
                 for e in edits:
                     if e.edits_output:
@@ -314,7 +322,10 @@ class EditScope:
                 e.finish(info)
             return out
         covered = sum(g.stop - g.start for g, _ in modifying)
-        out = sdpa(*args, **kwargs) if covered < q.shape[0] else q.new_empty((*q.shape[:-1], v.shape[-1]))
+        if covered < q.shape[0] and rest:
+            out = sdpa(*args, **kwargs)
+        else:
+            out = q.new_empty((*q.shape[:-1], v.shape[-1]))
         for g, edits in edited:
             rows = (g.start, g.stop)
             res = self._edited_attention(q[g.rows], k[g.rows], v[g.rows], a, edits, info, rows, sdpa)
