@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..plumbing.conditions import TextCondition
+from ..plumbing.conditions import TextCondition, joined_latents
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
 from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
@@ -54,15 +54,9 @@ def text_bias(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
 
 
 def text_inputs(xs: Sequence[Tensor], conds: Sequence[TextCondition]) -> tuple[Tensor, Tensor, Tensor | None]:
-    """The latents, text embeddings and text masks of several branches, concatenated along the batch."""
-    x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
-    embeds = torch.cat([c.embeds for c in conds]) if len(conds) > 1 else conds[0].embeds
-    masks = [c.mask for c in conds]
-    if any(m is None for m in masks):
-        if not all(m is None for m in masks):
-            raise ValueError("Some branches have a text attention mask and others not.")
-        return x, embeds, None
-    return x, embeds, torch.cat(masks) if len(masks) > 1 else masks[0]
+    """The latents, text embeddings and text masks of several branches, as one batch."""
+    c = TextCondition.joined(conds)
+    return joined_latents(xs), c.embeds, c.mask
 
 
 def model_timestep(scheduler: Any, x: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ..plumbing.conditions import TextCondition
+from ..plumbing.conditions import TextCondition, joined_latents
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
 from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
@@ -66,10 +66,8 @@ class SD3Backbone(Backbone):
 
     @staticmethod
     def _inputs(xs: Sequence[Tensor], conds: Sequence[TextCondition]) -> tuple[Tensor, Tensor, Tensor]:
-        x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
-        embeds = torch.cat([c.embeds for c in conds]) if len(conds) > 1 else conds[0].embeds
-        pooled = torch.cat([c.pooled for c in conds]) if len(conds) > 1 else conds[0].pooled
-        return x, embeds, pooled
+        c = TextCondition.joined(conds)
+        return joined_latents(xs), c.embeds, c.pooled
 
     def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> Tensor:
         x, embeds, pooled = self._inputs(xs, conds)

@@ -24,7 +24,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from ..plumbing.conditions import TextCondition
+from ..plumbing.conditions import TextCondition, joined_latents
 from ..plumbing.runner import RunState
 from ..windows import SD3ReferenceWindow
 from .base import AttentionGeometry, Backbone, BlockList, ModelFamily, every_block, middle
@@ -75,9 +75,8 @@ class WanBackbone(Backbone):
         return (x.shape[-3] // pt, x.shape[-2] // ph, x.shape[-1] // pw)
 
     def _inputs(self, xs, t, conds):
-        x = torch.cat(list(xs)) if len(xs) > 1 else xs[0]
-        embeds = torch.cat([c.embeds for c in conds]) if len(conds) > 1 else conds[0].embeds
-        return x.to(self.transformer.dtype), embeds, t.expand(x.shape[0])
+        x = joined_latents(xs)
+        return x.to(self.transformer.dtype), TextCondition.joined(conds).embeds, t.expand(x.shape[0])
 
     def forward(self, xs: Sequence[Tensor], t: Tensor, conds: Sequence[TextCondition]) -> Tensor:
         x, embeds, ts = self._inputs(xs, t, conds)

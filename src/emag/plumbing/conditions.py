@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 
@@ -17,6 +18,27 @@ class TextCondition:
     embeds: Tensor
     pooled: Tensor | None = None
     mask: Tensor | None = None
+
+    @staticmethod
+    def joined(conds: Sequence["TextCondition"]) -> "TextCondition":
+        """The conditions of several branches as one batch (rows in the order given)."""
+        if len(conds) == 1:
+            return conds[0]
+
+        def cat(name: str) -> Tensor | None:
+            parts = [getattr(c, name) for c in conds]
+            if all(t is None for t in parts):
+                return None
+            if any(t is None for t in parts):
+                raise ValueError(f"Some branches have a text `{name}` and others not.")
+            return torch.cat(parts)
+
+        return TextCondition(cat("embeds"), cat("pooled"), cat("mask"))
+
+
+def joined_latents(xs: Sequence[Tensor]) -> Tensor:
+    """The inputs of several branches as one batch."""
+    return torch.cat(list(xs)) if len(xs) > 1 else xs[0]
 
 
 @dataclass
