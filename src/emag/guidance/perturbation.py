@@ -88,6 +88,9 @@ class IdentityAttention(AttentionEdit):
         m[:n, :n] = block
         return m[None, None]
 
+    def replaces_output(self, q: Tensor, k: Tensor, info) -> bool:
+        return self._self_only(q, k, info)
+
     def output(self, out: Tensor, q: Tensor, k: Tensor, v: Tensor, info, rows, sdpa) -> Tensor:
         """Plain self-attention: the identity map gives exactly ``V`` (each row's one weight is exp(0) / exp(0)
         = 1); joint attention keeps the masked call's output."""

@@ -92,6 +92,11 @@ class AttentionEdit:
         """Rewrite the group's attention output ``[b, H, N, d]`` (``sdpa``: the fused attention function)."""
         return out
 
+    def replaces_output(self, q: Tensor, k: Tensor, info: AttentionInfo) -> bool:
+        """True when :meth:`output` ignores the attention it is given (it computes the whole output itself):
+        the fused call is then not made."""
+        return False
+
     def finish(self, info: AttentionInfo) -> None:
         """Called once per intercepted call after every group was processed."""
 
@@ -350,7 +355,10 @@ class EditScope:
         if not modifies and not any(e.needs_probs for e in edits):
             return None
         if not any(e.needs_probs for e in edits):
-            out = sdpa(q, k, v, attn_mask=mask, scale=a["scale"])
+            if any(e.replaces_output(q, k, info) for e in edits if e.edits_output):
+                out = q.new_empty((*q.shape[:-1], v.shape[-1]))  # written by that edit's output()
+            else:
+                out = sdpa(q, k, v, attn_mask=mask, scale=a["scale"])
         else:
             n = info.num_image_tokens
             split = n < q.shape[2] and all(e.image_rows_only for e in edits if e.needs_probs)
