@@ -206,3 +206,12 @@ def test_autoguidance_with_a_weaker_wan():
     weak = tiny_wan_transformer(num_layers=2, seed=5)
     out = call(pipe, guidance=[emag.CFG(3.0), emag.Autoguidance(2.0, model=weak)])
     assert torch.isfinite(out).all() and (out - call(base, guidance_scale=3.0)).abs().max() > 1e-4
+
+
+def test_num_frames_on_an_image_model_is_a_clear_error():
+    from click.testing import CliRunner
+
+    from emag.cli import cli
+
+    r = CliRunner().invoke(cli, ["generate", "--num-frames", "5", "--out", "unused"])
+    assert r.exit_code != 0 and "--num-frames is for video models" in r.output

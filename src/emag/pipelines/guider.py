@@ -140,8 +140,8 @@ class EMAGGuider(BaseGuidance):
     def _guided(self, denoiser: torch.nn.Module, kwargs: dict[str, Any]):
         x, t = kwargs["hidden_states"], self._timestep
         family = family_of(denoiser)
-        options = {k: kwargs[k] for k in self._backbone_options(family) if kwargs.get(k) is not None}
-        if self._engine is None:
+        if self._engine is None:  # the call's first step: the engine, with the backbone options it takes
+            options = {k: kwargs[k] for k in self._backbone_options(family) if kwargs.get(k) is not None}
             self._engine = self._build(denoiser, x, self._conditions(family), options)
         else:
             self._engine.conditions.update(self._conditions(family))
