@@ -108,3 +108,14 @@ def test_emag_models_lists_what_each_record_says():
     assert "double = transformer_blocks[i].attn (text first joint" in r.output
     assert "single = single_transformer_blocks[i].attn" in r.output
     assert "linear attention, untouched: attn2" in r.output  # Sana
+
+
+def test_default_bands_stay_inside_a_one_block_model():
+    """A 3-block middle band on a 1-block list keeps the one block (it used to fail on the negative index);
+    an empty list is a clear error naming the lists."""
+    from emag.families import FLUX
+
+    assert SD3.default_layer_positions("seg", (1,), "SEG") == (0,)
+    assert FLUX.default_layer_positions("seg", (1, 1), "SEG") == (0,)
+    with pytest.raises(ValueError, match="default band has no block in this model .double: 0 blocks"):
+        FLUX.default_layer_positions("seg", (0, 3), "SEG")

@@ -168,11 +168,11 @@ class ModelFamily:
         within = getattr(d, "within", None)
         if within is None:  # a band of all blocks, in execution order: block positions
             n = sum(counts)
-            positions = tuple(i for i in parse_layers(d(n)) if 0 <= i < n)
-        else:
+            positions = tuple(i for i in d(n) if 0 <= i < n)
+        else:  # a band of one named list
             n = dict(zip((b.name for b in self.block_lists), counts))[within]
-            positions = self.resolve_layers(tuple(BlockRef(within, i) for i in parse_layers(d(n)) if 0 <= i < n)
-                                            or (), counts) if n else ()
+            refs = tuple(BlockRef(within, i) for i in d(n) if 0 <= i < n)
+            positions = self.resolve_layers(refs, counts) if refs else ()
         if not positions:
             raise ValueError(f"{what}'s default band has no block in this model ({', '.join(self._lists_text(counts))}); "
                              "pass `layers=`.")
